@@ -1,0 +1,183 @@
+"""The one network shared by ddpm.py, ddim.py and cfg.py: the U-Net of DDPM.
+
+Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", appendix B) built it from PixelCNN++:
+a U-Net of residual blocks with GroupNorm, the timestep fed to every block through a sinusoidal
+embedding and an MLP, self-attention at chosen resolutions, and skip connections between the
+down and up paths. From improved-diffusion (Nichol & Dhariwal 2021) we take two small things:
+the output convolution of every residual branch is zero-initialised (each block starts as the
+identity), and, optionally, the time embedding scales and shifts the normalised activations
+instead of being added to them. For cfg.py the network can be class-conditional: a label
+embedding, with one extra row for the "null" label, is added to the time embedding.
+
+The network maps (x_t, t[, y]) to a tensor of x_t's shape: the predicted noise ε.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# Two presets. "small" trains usefully on a laptop CPU at 28×28; "ddpm_cifar10" is the paper's
+# CIFAR-10 network exactly (35.7M parameters): additive time embedding, attention at 16×16 only.
+PRESETS: dict[str, dict] = {
+    "small": dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
+                  dropout=0.0, scale_shift=True),
+    "ddpm_cifar10": dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                         attn_resolutions=(16,), dropout=0.1, scale_shift=False),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Transformer positional encoding), shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights and bias, so the residual branch it ends starts as 0."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv, inject time embedding, GroupNorm → SiLU → dropout → conv, plus skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(32 if in_ch % 32 == 0 else 8, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        # One linear layer gives (scale, shift) or, as in the paper, a per-channel bias.
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
+        self.norm2 = nn.GroupNorm(32 if out_ch % 32 == 0 else 8, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        emb = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H·W positions, softmax(q·kᵀ/√C)·v, plus skip."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(32 if ch % 32 == 0 else 8, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height = x.shape[2]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
+        h = F.scaled_dot_product_attention(q, k, v)  # scales the logits by 1/√C itself
+        return x + self.proj(rearrange(h, "b 1 (h w) c -> b c h w", h=height))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    def __init__(self, image_channels: int = 1, image_size: int = 28, channels: int = 32,
+                 channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
+                 attn_resolutions: tuple[int, ...] = (7,), dropout: float = 0.0,
+                 scale_shift: bool = True, num_classes: int | None = None):
+        super().__init__()
+        levels = len(channel_mult)
+        if image_size % 2 ** (levels - 1):
+            raise ValueError(f"image size {image_size} is not divisible by 2^{levels - 1}")
+        self.image_size, self.num_classes = image_size, num_classes
+        emb_dim = 4 * channels
+        self.channels = channels
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # Row num_classes is the null label ∅ used by classifier-free guidance.
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+
+        self.conv_in = nn.Conv2d(image_channels, channels, 3, padding=1)
+        # Down path: a list of stages, each ending in an activation that the up path concatenates
+        # (skip_chs records their widths).
+        self.down = nn.ModuleList()
+        ch, resolution, skip_chs = channels, image_size, [channels]
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                stage = [ResBlock(ch, channels * mult, emb_dim, dropout, scale_shift)]
+                ch = channels * mult
+                if resolution in attn_resolutions:
+                    stage.append(Attention(ch))
+                self.down.append(nn.ModuleList(stage))
+                skip_chs.append(ch)
+            if level != levels - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                resolution //= 2
+                skip_chs.append(ch)
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, scale_shift), Attention(ch),
+                                  ResBlock(ch, ch, emb_dim, dropout, scale_shift)])
+        # Up path: one more block per level than the down path, each starting from a concatenated
+        # skip activation; the last block of a level also upsamples.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for block in range(num_res_blocks + 1):
+                stage = [ResBlock(ch + skip_chs.pop(), channels * mult, emb_dim, dropout, scale_shift)]
+                ch = channels * mult
+                if resolution in attn_resolutions:
+                    stage.append(Attention(ch))
+                if level != 0 and block == num_res_blocks:
+                    stage.append(Upsample(ch))
+                    resolution *= 2
+                self.up.append(nn.ModuleList(stage))
+        self.norm_out = nn.GroupNorm(32 if ch % 32 == 0 else 8, ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy images; t: (B,) integer timesteps; y: (B,) labels, num_classes = ∅."""
+        emb = self.time_mlp(timestep_embedding(t, self.channels))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.num_classes)
+            emb = emb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("this U-Net is unconditional (num_classes=None) but got labels")
+
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            h = run_stage(stage, h, emb)
+            skips.append(h)
+        h = run_stage(self.mid, h, emb)
+        for stage in self.up:
+            h = run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def run_stage(stage: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Apply a stage's layers in order; only residual blocks take the embedding."""
+    for layer in stage:
+        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+    return h
