@@ -176,7 +176,11 @@ def sample_images(ema: UNet, sched: Schedule, n: int, args, generator: torch.Gen
 
 
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
+    if rank != 0:
+        dist.barrier()  # let rank 0 download the data first
     images, labels = load_dataset(args.dataset, args.data_dir)
+    if world_size > 1 and rank == 0:
+        dist.barrier()
     images = images.to(device)
     config = dict(unet=dict(image_channels=images.shape[1], image_size=images.shape[2],
                             **PRESETS[args.preset]),
