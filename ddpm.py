@@ -36,8 +36,8 @@ from unet import PRESETS, UNet
 # Training defaults per dataset (flags override): a CPU-friendly network for 28×28 images,
 # and the paper's CIFAR-10 setup (lr 2e-4, 5000 warmup steps, 800k steps at batch 128).
 DATASET_DEFAULTS = {
-    "mnist": dict(preset="small", epochs=3, lr=1e-3, warmup=200),
-    "fashion": dict(preset="small", epochs=3, lr=1e-3, warmup=200),
+    "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200),
+    "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200),
     "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000),
 }
 EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
@@ -85,7 +85,7 @@ def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Te
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
-def diffusion_loss(model, sched: Schedule, x0: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
     """L_simple, eq. 14: ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps (0..T-1)."""
     t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
@@ -194,7 +194,10 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     ckpt_path = out / "ckpt.pt"
     step = 0
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, device)
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"] != config:
+            raise SystemExit(f"error: cannot resume: {ckpt_path} holds {ckpt['config']}, "
+                             f"but these flags give {config}")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -210,6 +213,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
 
     local_batch = args.batch_size // world_size
     steps_per_epoch = len(images) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the dataset ({len(images)} images)")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     sample_generator = torch.Generator(device)  # fixed noise: grids are comparable across epochs
 
@@ -293,6 +298,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             timer_start = time.perf_counter()  # sampling time is not training time
     bar.close()
     save()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C during sampling stops at once
+        signal.signal(signum, signal.SIG_DFL)
     frames = []
     save_grid("samples.png", args.n_samples, frames)
     if rank == 0:
@@ -310,13 +317,16 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict:
-    """Load tensors and plain data only (weights_only=True): a checkpoint can never run code."""
+def load_checkpoint(path: Path) -> dict:
+    """Load tensors and plain data only (weights_only=True): a checkpoint can never run code.
+
+    Everything lands on the CPU (RNG states must be CPU tensors); load_state_dict moves weights."""
     if not path.is_file():
         raise SystemExit(f"error: no checkpoint at {path} (train first, or pass --ckpt PATH)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or not {"ema", "config", "step"} <= ckpt.keys():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(ckpt, dict) and {"ema", "config", "step"} <= ckpt.keys()
+                and {"unet", "schedule", "timesteps", "dataset"} <= ckpt["config"].keys()):
             raise ValueError("missing its model weights or config")
         return ckpt
     except Exception as e:  # truncated zip, foreign pickle, ...: one line, no traceback
@@ -338,12 +348,12 @@ def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
 def sample_only(args, device: torch.device) -> None:
     """Load a checkpoint's EMA network and write args.n_samples samples: a grid, and PNGs if asked."""
     ckpt_path = Path(args.ckpt) if args.ckpt else Path(args.out) / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path, device)
+    ckpt = load_checkpoint(ckpt_path)
     config = ckpt["config"]
-    ema = UNet(**config["unet"]).to(device).eval()
     try:
+        ema = UNet(**config["unet"]).to(device).eval()
         ema.load_state_dict(ckpt["ema"])
-    except RuntimeError as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise SystemExit(f"error: checkpoint {ckpt_path} does not fit its own config: "
                          f"{str(e).splitlines()[0]}") from None
     sched = Schedule(config["timesteps"], config["schedule"], device)
@@ -385,13 +395,24 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bfloat16 autocast speeds this device up (rather than emulating bf16 slowly).
+
+    On an AVX-512 BF16 CPU it trains the 28×28 network about 1.7× faster than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="mnist")
     p.add_argument("--data-dir", default="./data", help="torchvision layout; downloads go here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--epochs", type=int, help="default: 3 for 28×28 data, 2000 for cifar10")
+    p.add_argument("--epochs", type=int, help="default: 6 for 28×28 data, 2000 for cifar10")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="global, split over DDP processes")
     p.add_argument("--lr", type=float, help="peak learning rate; default 1e-3 (28×28), 2e-4 (cifar10)")
@@ -404,12 +425,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", help="checkpoint for --sample-only; default <out>/ckpt.pt")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--save-pngs", metavar="DIR", help="with --sample-only: one PNG per sample")
-    p.add_argument("--sample-steps", type=int, help="ignored by DDPM, which always takes T steps")
+    p.add_argument("--sample-steps", type=int, help="DDPM always takes all T steps; see ddim.py")
     p.add_argument("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--variance", choices=["beta", "posterior"], default="beta",
                    help="sampler's σ_t²: β_t or the posterior's β̃_t")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (for CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="bfloat16 autocast; default: on where bf16 is native (recent GPUs, AVX-512 BF16 CPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS[args.dataset].items():
@@ -419,6 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "n_samples", "timesteps", "warmup", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.sample_steps not in (None, args.timesteps):
+        p.error("--sample-steps: DDPM's sampler takes all T steps; ddim.py samples in fewer")
     if args.lr <= 0:
         p.error("--lr must be positive")
     return args
@@ -440,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
+    if args.amp is None:
+        args.amp = bf16_is_native(device)
     if args.sample_only:
         sample_only(args, device)
     else:

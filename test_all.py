@@ -2,7 +2,6 @@
 
 Run: python -m pytest -q test_all.py        (under ~3 minutes on 2 CPU cores)
 """
-import gzip
 import os
 import pickle
 import struct
@@ -12,7 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+import cfg
+import ddim
 import ddpm
 from unet import PRESETS, UNet
 
@@ -271,3 +273,434 @@ def test_cli_bad_input_is_one_clear_error(case, tiny_data, tmp_path):
     assert "Traceback" not in r.stderr, r.stderr
     assert "error" in r.stderr.lower()
     assert not (ROOT / "PWNED_BY_PICKLE").exists() and not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+# ============================================================================= ddim.py
+
+# ----------------------------------------------------------------------------- step grid
+
+@pytest.mark.parametrize("skip", ["uniform", "quad"])
+@pytest.mark.parametrize("T,steps", [(1000, 10), (1000, 50), (1000, 999), (20, 2), (20, 19)])
+def test_step_grid_runs_from_T_minus_1_down_to_0(T, steps, skip):
+    grid = ddim.step_grid(T, steps, skip)
+    assert len(grid) == steps and grid[0] == T - 1 and grid[-1] == 0
+    assert all(a > b for a, b in zip(grid, grid[1:]))
+
+
+@pytest.mark.parametrize("skip", ["uniform", "quad"])
+def test_step_grid_with_every_step_or_one(skip):
+    assert ddim.step_grid(1000, 1000, skip) == list(range(999, -1, -1))
+    assert ddim.step_grid(1000, 1, skip) == [999]  # one jump from pure noise to x̂0
+    with pytest.raises(ValueError):
+        ddim.step_grid(20, 21, skip)
+
+
+def test_step_grid_spacings():
+    assert ddim.step_grid(1000, 10, "uniform") == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    quad = ddim.step_grid(1000, 10, "quad")
+    assert quad == [999, 790, 606, 446, 311, 200, 113, 51, 13, 0]  # dense at low noise
+    gaps = [a - b for a, b in zip(quad, quad[1:])]
+    assert gaps == sorted(gaps, reverse=True)
+
+
+# ----------------------------------------------------------------------------- sampler, exactly
+
+# (steps, skip, eta, shrink): the sample std may fall short of s by up to `shrink`. That is DDIM's
+# discretisation error, measured, not sampling noise (64000 values: standard error 8e-4 for the
+# mean, 6e-4 for the std): a coarse step to low noise lands on the denoiser's x̂0 = E[x0 | x_t],
+# which is less spread out than x0. It is one-sided, the same for every seed, and shrinks with more
+# steps or with quad spacing. Measured: S=10 0.102 (quad 0.042), S=50 0.024 (quad 0.009), S=1000
+# 0.0015, η=0.5 at S=1000 0.003. The mean is unaffected.
+@pytest.mark.parametrize("steps,skip,eta,shrink", [
+    (10, "uniform", 0.0, 0.12), (10, "quad", 0.0, 0.05), (50, "uniform", 0.0, 0.03),
+    (50, "quad", 0.0, 0.012), (1000, "uniform", 0.0, 0.005), (1000, "uniform", 0.5, 0.005)])
+def test_sampler_recovers_gaussian_data(steps, skip, eta, shrink):
+    sched = ddpm.Schedule(1000, "linear")
+    mu, s = 0.3, 0.2
+    x = ddim.sample(gaussian_eps(sched, mu, s), sched, (4000, 1, 4, 4), steps, eta=eta, skip=skip,
+                    generator=torch.Generator().manual_seed(0))
+    assert x.mean().item() == pytest.approx(mu, abs=0.005)
+    assert s - shrink < x.std().item() < s + 0.003
+
+
+def test_ddim_sampler_detects_a_wrong_model():
+    sched = ddpm.Schedule(1000, "linear")
+    x = ddim.sample(gaussian_eps(sched, 0.3, 0.4), sched, (2000, 1, 4, 4), 50)
+    assert abs(x.std().item() - 0.2) > 0.1
+
+
+def float64_linear_schedule(T: int) -> ddpm.Schedule:
+    """ddpm.Schedule with its float64 values kept, for comparisons that float32 rounding would blur."""
+    sched = ddpm.Schedule(T, "linear")
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    sched.betas, sched.alphas, sched.alpha_bar = betas, 1 - betas, torch.cumprod(1 - betas, 0)
+    sched.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), sched.alpha_bar[:-1]])
+    sched.posterior_var = betas * (1 - sched.alpha_bar_prev) / (1 - sched.alpha_bar)
+    return sched
+
+
+def test_all_steps_with_eta_1_is_ddpm_with_posterior_variance():
+    """S = T, η = 1: eq. 12 with σ of eq. 16 is DDPM's step with σ² = β̃, the same noise in the same order."""
+    shape = (256, 1, 4, 4)
+
+    def both(sched):
+        model = gaussian_eps(sched, 0.3, 0.2)
+        a = ddpm.sample(model, sched, shape, variance="posterior", generator=torch.Generator().manual_seed(3))
+        b = ddim.sample(model, sched, shape, sched.T, eta=1.0, generator=torch.Generator().manual_seed(3))
+        return a, b
+
+    # float32 as used: the two formulas round differently, most where 1 − ᾱ_t/ᾱ_{t-1} (ddim) stands
+    # for β_t ≈ 1e-4 (ddpm), which float32 ᾱ knows to about 1e-3 relative: ~3e-5 after 1000 steps.
+    torch.testing.assert_close(*both(ddpm.Schedule(1000, "linear")), atol=3e-4, rtol=0)
+    # With the schedule in float64 the two agree to rounding (the model's output is still float32).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        a, b = both(float64_linear_schedule(1000))
+    finally:
+        torch.set_default_dtype(default)
+    assert a.dtype == torch.float64
+    torch.testing.assert_close(a, b, atol=1e-8, rtol=0)
+
+
+def test_eta_0_is_deterministic_given_x_T():
+    sched = ddpm.Schedule(100, "linear")
+    model = gaussian_eps(sched, 0.3, 0.2)
+    x_T = torch.randn(8, 1, 4, 4)
+    a = ddim.sample(model, sched, x_T.shape, 10, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = ddim.sample(model, sched, x_T.shape, 10, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    frames = []
+    ddim.sample(model, sched, x_T.shape, 10, x_T=x_T, frames=frames)
+    assert len(frames) == 10 and torch.equal(frames[-1], a)
+
+
+@pytest.mark.parametrize("steps,max_mse", [(100, 1e-3), (1000, 2e-5)])  # measured 4.2e-4, 4.5e-6
+def test_invert_then_sample_reconstructs_the_input(steps, max_mse):
+    sched = ddpm.Schedule(1000, "linear")
+    model = gaussian_eps(sched, 0.3, 0.2)
+    x0 = 0.3 + 0.2 * torch.randn(512, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    x_T = ddim.invert(model, sched, x0, steps)
+    assert x_T.std().item() == pytest.approx(1.0, abs=0.05)  # data became noise (S=100: 0.97)
+    recon = ddim.sample(model, sched, x0.shape, steps, x_T=x_T)
+    assert (recon - x0).pow(2).mean().item() < max_mse
+
+
+def test_slerp_keeps_the_norm_of_gaussian_latents():
+    a, b = torch.randn(2, 4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ddim.slerp(a, b, 0.0), a, atol=1e-6)
+    assert torch.allclose(ddim.slerp(a, b, 1.0), b, atol=1e-6)
+    mid_norm = ddim.slerp(a, b, 0.5).flatten(1).norm(dim=1)
+    torch.testing.assert_close(mid_norm, a.flatten(1).norm(dim=1), rtol=0.05, atol=0)  # lerp: ÷√2
+    assert torch.allclose(ddim.slerp(a, a, 0.3), a, atol=1e-6)  # parallel latents: no 0/0
+
+
+# ----------------------------------------------------------------------------- command line, end to end
+
+@pytest.fixture(scope="module")
+def ddpm_ckpt(tiny_data, tmp_path_factory):
+    """A checkpoint written by ddpm.py (T = 20), which ddim.py must be able to sample."""
+    out = tmp_path_factory.mktemp("ddpm")
+    r = run_script("ddpm.py", *FAST, "--data-dir", str(tiny_data), "--out", str(out),
+                   "--max-steps", "1", "--n-samples", "1")
+    assert r.returncode == 0, r.stderr
+    return out / "ckpt.pt"
+
+
+def test_cli_train(tiny_data, tmp_path):
+    r = run_script("ddim.py", *FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path), "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "reverse.gif").is_file()
+
+
+def test_cli_sample_only_a_ddpm_checkpoint(ddpm_ckpt, tmp_path):
+    pngs = tmp_path / "pngs"
+    r = run_script("ddim.py", *FAST, "--sample-only", "--ckpt", str(ddpm_ckpt), "--out", str(tmp_path),
+                   "--n-samples", "3", "--save-pngs", str(pngs), "--sample-steps", "5", "--eta", "0.5",
+                   "--skip", "quad")
+    assert r.returncode == 0, r.stderr
+    assert len(list(pngs.glob("*.png"))) == 3 and (tmp_path / "samples.png").is_file()
+    assert "rows of 10, 20 steps" in r.stdout  # T = 20: only the step counts up to T
+    assert Image.open(tmp_path / "consistency.png").size == (8 * 30 + 2, 2 * 30 + 2)
+
+
+def test_cli_invert_and_interpolate(ddpm_ckpt, tiny_data, tmp_path):
+    r = run_script("ddim.py", *FAST, "--data-dir", str(tiny_data), "--invert", "--interpolate",
+                   "--ckpt", str(ddpm_ckpt), "--out", str(tmp_path), "--sample-steps", "10")
+    assert r.returncode == 0, r.stderr
+    assert "reconstruction MSE" in r.stdout
+    assert Image.open(tmp_path / "inversion.png").size == (8 * 30 + 2, 3 * 30 + 2)  # 3 rows of 8
+    assert Image.open(tmp_path / "interpolation.png").size == (10 * 30 + 2, 3 * 30 + 2)
+    assert not (tmp_path / "samples.png").exists()  # these modes replace sampling
+
+
+@pytest.mark.parametrize("case", ["eta", "zero-steps", "steps-above-T", "wrong-shape"])
+def test_ddim_cli_bad_input_is_one_clear_error(case, ddpm_ckpt, tiny_data, tmp_path):
+    args = [*FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path), "--max-steps", "1"]
+    if case == "eta":
+        args += ["--eta", "1.5"]
+    elif case == "zero-steps":
+        args += ["--sample-steps", "0"]
+    elif case == "steps-above-T":  # T = 20 is only known once the checkpoint is loaded
+        args += ["--sample-only", "--ckpt", str(ddpm_ckpt), "--sample-steps", "21"]
+    elif case == "wrong-shape":  # the config asks for a wider network than the weights are
+        ckpt = torch.load(ddpm_ckpt, weights_only=True)
+        ckpt["config"]["unet"]["channels"] *= 2
+        torch.save(ckpt, tmp_path / "bad.pt")
+        args += ["--sample-only", "--ckpt", str(tmp_path / "bad.pt")]
+    r = run_script("ddim.py", *args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "error" in r.stderr.lower()
+    assert not (tmp_path / "ckpt.pt").exists()  # nothing was trained
+
+
+# ============================================================================= cfg.py
+
+MEANS, S = (-0.5, 0.5), 0.15  # two classes, equal priors: x0 | c ~ N(MEANS[c], S²)
+NULL = len(MEANS)             # the null label ∅, as in the U-Net
+
+
+# ----------------------------------------------------------------------------- exact predictors
+
+def mixture_eps(sched, means: tuple[float, ...], s: float):
+    """The optimal ε-predictor for x0 ~ Σ_c N(m_c, s²)/C, as a model taking (x, t, y), y = C for ∅.
+
+    Class c: the Gaussian closed form ε_c(x_t). ∅: E[ε | x_t] = Σ_c p(c | x_t) ε_c(x_t), where
+    p(c | x_t) ∝ N(x_t; √ᾱ m_c, ᾱ s² + 1 − ᾱ), a softmax over classes (the variances are equal).
+    """
+    per_class = [gaussian_eps(sched, m, s) for m in means]
+
+    def model(x, t, y):
+        alpha_bar = cfg.expand(sched.alpha_bar, t)
+        eps = torch.stack([eps_c(x, t) for eps_c in per_class])  # (C, B, ...)
+        var = alpha_bar * s**2 + 1 - alpha_bar
+        log_lik = torch.stack([-(x - alpha_bar.sqrt() * m) ** 2 / (2 * var) for m in means])
+        eps_null = (log_lik.softmax(0) * eps).sum(0)
+        eps_cond = eps[y.clamp(max=len(means) - 1), torch.arange(len(y))]
+        return torch.where((y == len(means)).view(-1, *[1] * (x.ndim - 1)), eps_null, eps_cond)
+    return model
+
+
+def tilted_eps(sched, c: int, w: float):
+    """What guidance should give, from densities alone: ε̃ = −√(1−ᾱ_t) ∇_x log p̃_t(x), with
+    p̃_t ∝ p_t(x | c)^{1+w} p_t(x)^{−w} (CFG Sec. 3.2), the gradient taken by autograd (float64)."""
+    def eps(x, t):
+        with torch.enable_grad():
+            x = x.detach().double().requires_grad_(True)
+            alpha_bar = cfg.expand(sched.alpha_bar, t).double()
+            var = alpha_bar * S**2 + 1 - alpha_bar
+            log_p_class = torch.stack([-(x - alpha_bar.sqrt() * m) ** 2 / (2 * var) for m in MEANS])
+            log_p = log_p_class.logsumexp(0)  # p_t(x) up to constants: equal priors, equal variances
+            score, = torch.autograd.grad(((1 + w) * log_p_class[c] - w * log_p).sum(), x)
+        return -(1 - alpha_bar).sqrt() * score
+    return eps
+
+
+@pytest.fixture(scope="module")
+def sched():
+    return cfg.Schedule(1000, "linear")
+
+
+def test_guided_eps_is_the_tilted_score(sched):
+    """CFG eq. 6 on exact ε(x, c) and ε(x, ∅) is the score of p(x|c)^{1+w} p(x)^{−w}: sign, factors, ∅."""
+    model = mixture_eps(sched, MEANS, S)
+    x = torch.linspace(-2, 2, 41).view(-1, 1, 1, 1)
+    for t_value in (0, 100, 500, 999):
+        t = torch.full((len(x),), t_value)
+        # ε(x, ∅) is the whole mixture's score: the tilted family at w = −1.
+        mixture = model(x, t, torch.full_like(t, NULL))
+        close = dict(atol=1e-5, rtol=1e-4)  # float32 predictions against float64 autograd
+        torch.testing.assert_close(mixture.double(), tilted_eps(sched, 0, -1.0)(x, t), **close)
+        for c in (0, 1):
+            for w in (0.0, 0.5, 2.0):
+                guided = cfg.guided_eps(model, x, t, torch.full_like(t, c), w, NULL)
+                torch.testing.assert_close(guided.double(), tilted_eps(sched, c, w)(x, t), **close)
+
+
+# ----------------------------------------------------------------------------- samplers, exactly
+
+def two_class_samples(sampler, sched, w: float, **kwargs) -> list[torch.Tensor]:
+    """2000 × 16 values per class from `sampler` with the exact mixture model, guided with w."""
+    y = torch.arange(4000) % 2
+    x = sampler(mixture_eps(sched, MEANS, S), sched, (4000, 1, 4, 4), y, guidance=w, null_label=NULL,
+                generator=torch.Generator().manual_seed(0), **kwargs)
+    return [x[y == c] for c in (0, 1)]
+
+
+def ddim_gain(sched, steps: int) -> float:
+    """For Gaussian data the η=0 step is linear: x_{t'} − √ᾱ' m = k (x_t − √ᾱ m), with
+    k = (√(ᾱ'ᾱ) s² + √((1−ᾱ')(1−ᾱ))) / (ᾱ s² + 1 − ᾱ) ≤ √(v_{t'}/v_t) (Cauchy-Schwarz): each finite
+    step shrinks the spread a little. The output std is Π k, below S for any finite step count."""
+    grid = torch.linspace(sched.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    alpha_bar = torch.cat([sched.alpha_bar.double(), torch.ones(1, dtype=torch.float64)])  # [-1] = 1
+    gain = 1.0
+    for t, t_prev in zip(grid, grid[1:] + [-1]):
+        a, a_prev = alpha_bar[t], alpha_bar[t_prev]
+        gain *= ((a_prev * a).sqrt() * S**2 + ((1 - a_prev) * (1 - a)).sqrt()) / (a * S**2 + 1 - a)
+    return float(gain)
+
+
+def test_unguided_samples_match_each_class(sched):
+    """w = 0 is the plain conditional model: each class comes out as N(m_c, S²)."""
+    # Ancestral, T steps: exact up to Monte Carlo error (32000 values: std error of mean 8e-4, of std 6e-4).
+    for c, x in enumerate(two_class_samples(cfg.sample, sched, 0.0)):
+        assert x.mean().item() == pytest.approx(MEANS[c], abs=0.005)
+        assert x.std().item() == pytest.approx(S, abs=0.005)
+    # Strided η=0, 50 steps: the mean is right and the std is DDIM's exact Π k (0.127 here, not 0.15).
+    for c, x in enumerate(two_class_samples(cfg.sample_strided, sched, 0.0, steps=50)):
+        assert x.mean().item() == pytest.approx(MEANS[c], abs=0.005)
+        assert x.std().item() == pytest.approx(ddim_gain(sched, 50), abs=0.003)
+
+
+def strided_reference(sched, c: int, w: float, steps: int, n: int = 4001) -> tuple[float, float]:
+    """Mean and std of the η=0 sampler's output, in float64 without Monte Carlo error.
+
+    The sampler is a deterministic map of x_T ~ N(0, 1), so its moments are integrals over x_T:
+    push n equal-probability quantiles of N(0, 1) through the map. The map is the same update as
+    cfg.sample_strided (clipped x̂0, ε re-derived), but ε̃ comes from tilted_eps, not from guided_eps.
+    """
+    quantiles = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    x = torch.distributions.Normal(0.0, 1.0).icdf(quantiles).view(-1, 1, 1, 1)
+    grid = torch.linspace(sched.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    alpha_bar = torch.cat([sched.alpha_bar.double(), torch.ones(1, dtype=torch.float64)])  # [-1] = 1
+    eps_fn = tilted_eps(sched, c, w)
+    for t, t_prev in zip(grid, grid[1:] + [-1]):
+        a, a_prev = alpha_bar[t], alpha_bar[t_prev]
+        eps = eps_fn(x, torch.full((n,), t))
+        x0_hat = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        eps = (x - a.sqrt() * x0_hat) / (1 - a).sqrt()
+        x = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
+    return x.mean().item(), x.std().item()
+
+
+def test_guidance_pushes_samples_away_from_the_other_class(sched):
+    """w = 2 moves each class's samples away from the other class, by what the tilted score predicts.
+
+    Not towards p(x|c)^{1+w}/p(x)^w at t = 0: there the classes barely overlap, p(x) ≈ p(x|c)/2
+    near m_c, and that density's mean is 0.5005, not the 0.61 the strided sampler reaches. The push happens
+    at high noise, where p(c | x_t) ≈ 1/2 and ε̃ extrapolates x̂0 towards (1+w) m_c. So the
+    prediction is the sampler's own output distribution under the tilted score (strided_reference).
+    """
+    mean, std = strided_reference(sched, 1, 2.0, steps=50)
+    assert mean > 0.6 and std < 0.1  # ≈ 0.609 and 0.089: away from the other class, less diverse
+    classes = two_class_samples(cfg.sample_strided, sched, 2.0, steps=50)
+    for c, x in enumerate(classes):
+        sign = 1 if MEANS[c] > 0 else -1  # the mixture is symmetric: class 0 mirrors class 1
+        assert x.mean().item() == pytest.approx(sign * mean, abs=0.005)
+        assert x.std().item() == pytest.approx(std, abs=0.003)
+    # The ancestral sampler follows a different (stochastic) path, so its target differs; it must
+    # still push each class outwards, well beyond Monte Carlo error (std error of the mean 8e-4).
+    for c, x in enumerate(two_class_samples(cfg.sample, sched, 2.0)):
+        assert (x.mean().item() - MEANS[c]) * (1 if MEANS[c] > 0 else -1) > 0.02
+
+
+# ----------------------------------------------------------------------------- training, batching
+
+def test_label_dropout_is_per_sample():
+    torch.manual_seed(0)
+    y = torch.arange(64) % 10
+    dropped = torch.stack([cfg.drop_labels(y, 0.25, 10) for _ in range(500)])
+    is_null = dropped == 10
+    # 32000 draws: the standard error of the fraction is 0.0024.
+    assert is_null.float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert torch.all(is_null.any(1) & ~is_null.all(1))  # every batch mixes ∅ and real labels
+    assert torch.equal(dropped[~is_null], y.expand_as(dropped)[~is_null])  # the rest unchanged
+    assert torch.equal(cfg.drop_labels(y, 0.0, 10), y)
+    assert torch.all(cfg.drop_labels(y, 1.0, 10) == 10)
+
+
+def test_loss_gives_the_model_the_labels(sched):
+    seen = []
+    y = torch.arange(8) % 3
+    cfg.diffusion_loss(lambda x, t, labels: seen.append(labels) or torch.zeros_like(x), sched,
+                       torch.zeros(8, 1, 2, 2), y)
+    assert torch.equal(seen[0], y)
+
+
+@pytest.mark.parametrize("sampler,steps", [("sample", None), ("sample_strided", 7)])
+def test_guidance_is_one_forward_pass_of_2b_per_step(sampler, steps):
+    """Conditional and unconditional passes share one batch [x, x] with labels [y, ∅]."""
+    sched = cfg.Schedule(20, "linear")
+    calls = []
+    exact = mixture_eps(sched, MEANS, S)
+
+    def model(x, t, y):
+        calls.append((len(x), t[0].item(), y.tolist()))
+        return exact(x, t, y)
+
+    kwargs = {} if steps is None else {"steps": steps}
+    y, frames = torch.tensor([0, 1, 1]), []
+    x = getattr(cfg, sampler)(model, sched, (3, 1, 2, 2), y, guidance=2.0, null_label=NULL, frames=frames,
+                              **kwargs)
+    timesteps = [t for _, t, _ in calls]
+    assert len(calls) == (steps or sched.T)  # exactly one model call per step
+    assert len(frames) == len(calls) and torch.equal(frames[-1], x)  # under 50 steps: a frame each
+    assert all(n == 6 and labels == [0, 1, 1, NULL, NULL, NULL] for n, _, labels in calls)
+    # The grid starts at T−1, ends at t = 0 and never repeats a timestep.
+    assert timesteps[0] == sched.T - 1 and timesteps[-1] == 0 and timesteps == sorted(set(timesteps))[::-1]
+    calls.clear()  # w = 0 needs the conditional half only
+    getattr(cfg, sampler)(model, sched, (3, 1, 2, 2), y, guidance=0.0, null_label=NULL, **kwargs)
+    assert all(n == 3 and labels == [0, 1, 1] for n, _, labels in calls)
+
+
+# ----------------------------------------------------------------------------- command line, end to end
+
+@pytest.fixture(scope="module")
+def cfg_run(tiny_data, tmp_path_factory):
+    """Two training steps on the tiny dataset (10 classes): the checkpoint and pictures.
+
+    T = 4 keeps the guidance sweep (90 guided samples) quick with the ancestral sampler.
+    """
+    out = tmp_path_factory.mktemp("cfg_run")
+    r = run_script("cfg.py", *FAST, "--timesteps", "4", "--data-dir", str(tiny_data), "--out", str(out),
+                   "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_cli_train_then_sample_a_class(cfg_run, tiny_data, tmp_path):
+    ckpt = torch.load(cfg_run / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["unet"]["num_classes"] == 10
+    assert (cfg_run / "samples.png").is_file() and (cfg_run / "reverse.gif").is_file()
+    # Guidance sweep: 5 rows (w) × 10 columns (classes) of 28×28 images with 2-pixel padding.
+    assert Image.open(cfg_run / "guidance_sweep.png").size == (10 * 30 + 2, 5 * 30 + 2)
+
+    common = ["--device", "cpu", "--out", str(tmp_path), "--ckpt", str(cfg_run / "ckpt.pt"), "--sample-only"]
+    r = run_script("cfg.py", *common, "--class", "3", "--n-samples", "5", "--sample-steps", "2",
+                   "--save-pngs", str(tmp_path / "three"))  # 2 < T steps: the strided sampler
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (tmp_path / "three").glob("*.png"))
+    assert names == [f"class3_{i:06d}.png" for i in range(5)]
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "guidance_sweep.png").is_file()
+
+    r = run_script("cfg.py", *common, "--n-samples", "12", "--save-pngs", str(tmp_path / "all"))
+    assert r.returncode == 0, r.stderr  # default: the classes in turn, with the ancestral sampler
+    names = {p.name for p in (tmp_path / "all").glob("*.png")}
+    assert names == {f"class{i % 10}_{i:06d}.png" for i in range(12)}
+
+
+@pytest.mark.parametrize("case", ["class-train", "class-sample", "ddpm-checkpoint"])
+def test_cfg_cli_bad_input_is_one_clear_error(case, cfg_run, tiny_data, tmp_path):
+    args = [*FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path)]
+    if case == "class-train":  # the tiny dataset has classes 0..9
+        args += ["--class", "10", "--max-steps", "2"]
+    elif case == "class-sample":
+        args += ["--sample-only", "--ckpt", str(cfg_run / "ckpt.pt"), "--class", "10"]
+    elif case == "ddpm-checkpoint":  # unconditional: no num_classes, no label embedding
+        r = run_script("ddpm.py", *args, "--max-steps", "1")
+        assert r.returncode == 0, r.stderr
+        args += ["--sample-only"]
+    r = run_script("cfg.py", *args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "error" in r.stderr.lower()
+
+
+@pytest.mark.parametrize("p_uncond", ["1.5", "-0.1"])
+def test_p_uncond_must_be_a_probability(p_uncond, capsys):
+    """An argparse error, so checked in-process (a subprocess would only add 3 s of imports)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cfg.parse_args(["--p-uncond", p_uncond])
+    assert exit_info.value.code != 0 and "error: --p-uncond" in capsys.readouterr().err

@@ -1,0 +1,186 @@
+"""Benchmark: training and sampling speed of this repo's U-Net, and of diffusers' when installed.
+
+    python bench.py                                   # 28×28 preset, batch 128, auto device
+    python bench.py --preset ddpm_cifar10 --device cuda --amp --compile
+
+Prints, for one preset and device: training images/s (the full step of the scripts: loss,
+backward, gradient clipping, AdamW, EMA), sampling images/s for DDPM-1000, DDIM-50 and guided
+CFG-50, peak memory, and the achieved model FLOP/s (FLOPs counted by PyTorch's FlopCounterMode)
+as a fraction of the device's dense-matmul FLOP/s measured in the same run, so the ratio holds on
+a noisy machine. Sampling is timed over a few steps and scaled to the full step count: every step
+of a sampler costs the same. If `diffusers` is installed, its UNet2DModel, configured to the same
+width, depth and attention, is measured the same way.
+"""
+import argparse
+import resource
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import cfg
+import ddim
+import ddpm
+from unet import PRESETS, UNet
+
+IMAGE_SHAPES = {"small": (1, 28), "ddpm_cifar10": (3, 32)}  # (channels, size) each preset is for
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seconds_per_call(fn, device: torch.device, min_seconds: float, warmup: int = 2) -> float:
+    """Median-free but honest: run fn until min_seconds have passed, return the mean time per call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < min_seconds:
+        fn()
+        calls += 1
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, min_seconds: float) -> float:
+    """The device's dense-matmul throughput: the yardstick for the U-Net's utilization."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / seconds_per_call(lambda: a @ b, device, min_seconds)
+
+
+class DiffusersUNet(nn.Module):
+    """diffusers' UNet2DModel behind this repo's call signature model(x, t[, y])."""
+
+    def __init__(self, image_channels: int, image_size: int, preset: dict, num_classes: int | None):
+        super().__init__()
+        from diffusers import UNet2DModel
+        resolutions = [image_size // 2**level for level in range(len(preset["channel_mult"]))]
+        attention = [r in preset["attn_resolutions"] for r in resolutions]
+        self.net = UNet2DModel(
+            sample_size=image_size, in_channels=image_channels, out_channels=image_channels,
+            block_out_channels=[preset["channels"] * m for m in preset["channel_mult"]],
+            layers_per_block=preset["num_res_blocks"], dropout=preset["dropout"],
+            down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+            up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+            attention_head_dim=preset["channels"] * preset["channel_mult"][-1],
+            norm_num_groups=min(32, preset["channels"]),
+            resnet_time_scale_shift="scale_shift" if preset["scale_shift"] else "default",
+            num_class_embeds=num_classes + 1 if num_classes else None)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x, t, class_labels=y).sample
+
+
+def measure(name: str, make_model, args, device: torch.device, matmul_flops: float) -> dict:
+    channels, size = IMAGE_SHAPES[args.preset]
+    batch = args.batch_size
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = make_model(None).to(device, memory_format=memory_format)
+    ema = make_model(None).to(device, memory_format=memory_format).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    train_model = torch.compile(model) if args.compile else model
+    sched = ddpm.Schedule(1000, "linear", device)
+    x0 = torch.randn(batch, channels, size, size, device=device).clamp(-1, 1)
+    x0 = x0.contiguous(memory_format=memory_format)
+
+    def train_step():  # the step of the scripts' training loop
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            loss = ddpm.diffusion_loss(train_model, sched, x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-4)
+
+    with FlopCounterMode(display=False) as counter:
+        loss = ddpm.diffusion_loss(model, sched, x0)
+        loss.backward()
+    train_flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_seconds = seconds_per_call(train_step, device, args.seconds)
+    result = {"name": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+              "train_img_s": batch / train_seconds,
+              "train_util": train_flops / train_seconds / matmul_flops}
+
+    def sampling(sampler, steps_timed: int, steps_full: int, **kwargs) -> float:
+        """Images/s of a full sampling run, from timing steps_timed of its steps."""
+        def run():
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                sampler(ema, **kwargs)
+        return batch / (seconds_per_call(run, device, args.seconds, warmup=1) / steps_timed * steps_full)
+
+    shape = (batch, channels, size, size)
+    timed = args.timed_steps
+    result["ddpm1000_img_s"] = sampling(
+        lambda m: ddpm.sample(m, ddpm.Schedule(timed, "linear", device), shape), timed, 1000)
+    result["ddim50_img_s"] = sampling(
+        lambda m: ddim.ddim_sample(m, sched, shape, steps=timed), timed, 50)
+    forward_2b = seconds_per_call(lambda: forward_only(ema, 2 * batch, shape, device, args.amp),
+                                  device, args.seconds)
+    if name.startswith("this repo"):
+        cond = make_model(10).to(device, memory_format=memory_format).eval()
+        labels = torch.arange(batch, device=device) % 10
+        result["cfg50_img_s"] = sampling(
+            lambda m: cfg.strided_sample(cond, sched, shape, labels, guidance=2.0, steps=timed), timed, 50)
+        result["cfg_step_over_2b_forward"] = batch / result["cfg50_img_s"] / 50 / forward_2b
+    if device.type == "cuda":
+        result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # peak resident memory of this process so far (Linux reports KiB)
+        result["peak_mem_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+@torch.inference_mode()
+def forward_only(model, n: int, shape: tuple, device: torch.device, amp: bool) -> None:
+    x = torch.randn(n, *shape[1:], device=device)
+    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        model(x, torch.randint(0, 1000, (n,), device=device))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=PRESETS, default="small")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
+    p.add_argument("--timed-steps", type=int, default=5, help="sampler steps timed per measurement")
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    args = p.parse_args()
+    device = ddpm.pick_device(args.device)
+    torch.manual_seed(0)
+    torch.set_float32_matmul_precision("high")
+    matmul = matmul_flops_per_second(device, torch.bfloat16 if args.amp else torch.float32, args.seconds)
+    channels, size = IMAGE_SHAPES[args.preset]
+    preset = PRESETS[args.preset]
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"preset {args.preset} ({channels}×{size}×{size}), batch {args.batch_size}, "
+          f"amp {args.amp}, compile {args.compile}, channels_last {args.channels_last}")
+    print(f"dense matmul: {matmul / 1e9:.1f} GFLOP/s")
+    models = {"this repo (unet.py)": lambda k: UNet(channels, size, **preset, num_classes=k)}
+    try:
+        import diffusers  # noqa: F401  (optional: only for the comparison)
+        models["diffusers UNet2DModel"] = lambda k: DiffusersUNet(channels, size, preset, k)
+    except ImportError:
+        print("diffusers is not installed: pip install diffusers to compare against UNet2DModel")
+    rows = [measure(name, make, args, device, matmul) for name, make in models.items()]
+    columns = ["params_M", "train_img_s", "train_util", "ddpm1000_img_s", "ddim50_img_s",
+               "cfg50_img_s", "cfg_step_over_2b_forward", "peak_mem_GiB"]
+    print(f"{'':24s}" + "".join(f"{c:>26s}" for c in columns))
+    for row in rows:
+        print(f"{row['name']:24s}" + "".join(
+            f"{row[c]:26.3g}" if c in row else f"{'—':>26s}" for c in columns))
+
+
+if __name__ == "__main__":
+    main()
