@@ -16,7 +16,6 @@ import resource
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -123,14 +122,15 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
     result["ddpm1000_img_s"] = sampling(
         lambda m: ddpm.sample(m, ddpm.Schedule(timed, "linear", device), shape), timed, 1000)
     result["ddim50_img_s"] = sampling(
-        lambda m: ddim.ddim_sample(m, sched, shape, steps=timed), timed, 50)
+        lambda m: ddim.sample(m, sched, shape, timed), timed, 50)
     forward_2b = seconds_per_call(lambda: forward_only(ema, 2 * batch, shape, device, args.amp),
                                   device, args.seconds)
     if name.startswith("this repo"):
         cond = make_model(10).to(device, memory_format=memory_format).eval()
         labels = torch.arange(batch, device=device) % 10
         result["cfg50_img_s"] = sampling(
-            lambda m: cfg.strided_sample(cond, sched, shape, labels, guidance=2.0, steps=timed), timed, 50)
+            lambda m: cfg.sample_strided(cond, sched, shape, labels, guidance=2.0, null_label=10, steps=timed),
+            timed, 50)
         result["cfg_step_over_2b_forward"] = batch / result["cfg50_img_s"] / 50 / forward_2b
     if device.type == "cuda":
         result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30

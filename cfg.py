@@ -329,10 +329,12 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     loss_sum, timer_start, timer_step = torch.zeros((), device=device), time.perf_counter(), step
+    order_epoch = None
     while step < total_steps:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        # The epoch's order depends only on (seed, epoch), so a resumed run sees the same batches.
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
+        if epoch != order_epoch:  # depends only on (seed, epoch): a resumed run sees the same batches
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
+            order_epoch = epoch
         batch_index = order[index_in_epoch * args.batch_size:][:args.batch_size]
         local_index = batch_index[rank * local_batch:(rank + 1) * local_batch].to(device)
         x0 = to_model_range(images[local_index], flip=args.dataset == "cifar10")
@@ -429,13 +431,16 @@ def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
 GUIDANCE_SWEEP = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
-def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path) -> None:
-    """One row per w of GUIDANCE_SWEEP, one column per class (or num_classes samples of --class K).
+def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class: int = 3) -> None:
+    """One row per w of GUIDANCE_SWEEP: per_class samples of each class side by side (or
+    per_class · num_classes samples of --class K), so diversity within a class can be seen.
 
     The generator is reseeded for every row, so all rows start from the same noise (and the
     ancestral sampler draws the same noise at every step): the rows differ only in w.
     """
-    y = grid_labels(ema.num_classes, ema.num_classes, args.class_label)
+    n = per_class * ema.num_classes
+    y = (torch.arange(ema.num_classes).repeat_interleave(per_class) if args.class_label is None
+         else torch.full((n,), args.class_label))
     generator = torch.Generator(sched.betas.device)
     rows = [sample_images(ema, sched, y, w, args, generator.manual_seed(args.seed)) for w in GUIDANCE_SWEEP]
     save_image(torch.cat(rows), path, nrow=len(y))
@@ -461,11 +466,13 @@ def sample_only(args, device: torch.device) -> None:
     sched = Schedule(config["timesteps"], config["schedule"], device)
     generator = torch.Generator(device).manual_seed(args.seed)
     labels = grid_labels(args.n_samples, num_classes, args.class_label)
-    images = []
+    images, start_time = [], time.perf_counter()
     for start in tqdm(range(0, args.n_samples, args.batch_size), desc="batches", dynamic_ncols=True):
         y = labels[start:start + args.batch_size]
         images.append(sample_images(ema, sched, y, args.guidance, args, generator, progress=True).cpu())
     images = torch.cat(images)
+    seconds = time.perf_counter() - start_time
+    print(f"sampled {len(images)} images in {seconds:.1f} s ({1000 * seconds / len(images):.0f} ms per image)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = images[:256]  # a grid bigger than 16×16 is too small to look at

@@ -251,10 +251,12 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     loss_sum, timer_start, timer_step = torch.zeros((), device=device), time.perf_counter(), step
+    order_epoch = None
     while step < total_steps:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        # The epoch's order depends only on (seed, epoch), so a resumed run sees the same batches.
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
+        if epoch != order_epoch:  # depends only on (seed, epoch): a resumed run sees the same batches
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
+            order_epoch = epoch
         batch_index = order[index_in_epoch * args.batch_size:][:args.batch_size]
         x0 = to_model_range(images[batch_index[rank * local_batch:(rank + 1) * local_batch].to(device)],
                             flip=args.dataset == "cifar10")
@@ -358,11 +360,13 @@ def sample_only(args, device: torch.device) -> None:
                          f"{str(e).splitlines()[0]}") from None
     sched = Schedule(config["timesteps"], config["schedule"], device)
     generator = torch.Generator(device).manual_seed(args.seed)
-    images = []
+    images, start_time = [], time.perf_counter()
     for start in tqdm(range(0, args.n_samples, args.batch_size), desc="batches", dynamic_ncols=True):
         n = min(args.batch_size, args.n_samples - start)
         images.append(sample_images(ema, sched, n, args, generator, progress=True).cpu())
     images = torch.cat(images)
+    seconds = time.perf_counter() - start_time
+    print(f"sampled {len(images)} images in {seconds:.1f} s ({1000 * seconds / len(images):.0f} ms per image)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = images[:256]  # a grid bigger than 16×16 is too small to look at

@@ -194,6 +194,18 @@ def test_short_training_lowers_the_loss():
     assert last < 0.5 * first
 
 
+def test_data_is_loaded_through_torchvision_and_scaled_to_minus_one_one(tiny_data):
+    images, labels = ddpm.load_dataset("mnist", str(tiny_data))
+    assert images.shape == (64, 1, 28, 28) and images.dtype == torch.uint8 and labels.shape == (64,)
+    x = ddpm.to_model_range(images, flip=False)
+    assert x.min().item() == -1.0 and x.max().item() == 1.0
+    flipped = ddpm.to_model_range(images.repeat(8, 1, 1, 1), flip=True)
+    reference = x.repeat(8, 1, 1, 1)
+    is_flipped = (flipped == reference.flip(3)).flatten(1).all(1)
+    is_same = (flipped == reference).flatten(1).all(1)
+    assert (is_flipped | is_same).all() and 0.3 < is_flipped.float().mean() < 0.7
+
+
 # ----------------------------------------------------------------------------- command line, end to end
 
 def test_cli_train_resume_sample_only(tiny_data, tmp_path):
@@ -665,7 +677,7 @@ def test_cli_train_then_sample_a_class(cfg_run, tiny_data, tmp_path):
     assert ckpt["step"] == 2 and ckpt["config"]["unet"]["num_classes"] == 10
     assert (cfg_run / "samples.png").is_file() and (cfg_run / "reverse.gif").is_file()
     # Guidance sweep: 5 rows (w) × 10 columns (classes) of 28×28 images with 2-pixel padding.
-    assert Image.open(cfg_run / "guidance_sweep.png").size == (10 * 30 + 2, 5 * 30 + 2)
+    assert Image.open(cfg_run / "guidance_sweep.png").size == (3 * 10 * 30 + 2, 5 * 30 + 2)
 
     common = ["--device", "cpu", "--out", str(tmp_path), "--ckpt", str(cfg_run / "ckpt.pt"), "--sample-only"]
     r = run_script("cfg.py", *common, "--class", "3", "--n-samples", "5", "--sample-steps", "2",
