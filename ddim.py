@@ -327,8 +327,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
             order_epoch = epoch
         batch_index = order[index_in_epoch * args.batch_size:][:args.batch_size]
-        x0 = to_model_range(images[batch_index[rank * local_batch:(rank + 1) * local_batch].to(device)],
-                            flip=args.dataset == "cifar10")
+        local_index = batch_index[rank * local_batch:(rank + 1) * local_batch].to(device)
+        x0 = to_model_range(images[local_index], flip=args.dataset == "cifar10")
 
         for group in optimizer.param_groups:  # linear warmup
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
