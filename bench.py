@@ -1,7 +1,8 @@
 """Benchmark: training and sampling speed of this repo's U-Net, and of diffusers' when installed.
 
     python bench.py                                   # 28×28 preset, batch 128, auto device
-    python bench.py --preset ddpm_cifar10 --device cuda --amp --compile
+    python bench.py --no-amp                          # float32 instead of bfloat16 autocast
+    python bench.py --preset ddpm_cifar10 --device cuda --compile
 
 Prints, for one preset and device: training images/s (the full step of the scripts: loss,
 backward, gradient clipping, AdamW, EMA), sampling images/s for DDPM-1000, DDIM-50 and guided
@@ -35,7 +36,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def seconds_per_call(fn, device: torch.device, min_seconds: float, warmup: int = 2) -> float:
-    """Median-free but honest: run fn until min_seconds have passed, return the mean time per call."""
+    """Mean seconds per call of fn, over as many calls as fit in min_seconds (at least 3)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -153,11 +154,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
     p.add_argument("--timed-steps", type=int, default=5, help="sampler steps timed per measurement")
-    p.add_argument("--amp", action="store_true")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="bfloat16 autocast; default as in the scripts: on where bf16 is native")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     args = p.parse_args()
     device = ddpm.pick_device(args.device)
+    if args.amp is None:
+        args.amp = ddpm.bf16_is_native(device)
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
     matmul = matmul_flops_per_second(device, torch.bfloat16 if args.amp else torch.float32, args.seconds)
