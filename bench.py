@@ -13,6 +13,7 @@ of a sampler costs the same. If `diffusers` is installed, its UNet2DModel, confi
 width, depth and attention, is measured the same way.
 """
 import argparse
+import importlib.util
 import resource
 import time
 
@@ -172,10 +173,9 @@ def main() -> None:
           f"amp {args.amp}, compile {args.compile}, channels_last {args.channels_last}")
     print(f"dense matmul: {matmul / 1e9:.1f} GFLOP/s")
     models = {"this repo (unet.py)": lambda k: UNet(channels, size, **preset, num_classes=k)}
-    try:
-        import diffusers  # noqa: F401  (optional: only for the comparison)
+    if importlib.util.find_spec("diffusers"):  # optional: only for the comparison
         models["diffusers UNet2DModel"] = lambda k: DiffusersUNet(channels, size, preset, k)
-    except ImportError:
+    else:
         print("diffusers is not installed: pip install diffusers to compare against UNet2DModel")
     rows = [measure(name, make, args, device, matmul) for name, make in models.items()]
     columns = ["params_M", "train_img_s", "train_util", "ddpm1000_img_s", "ddim50_img_s",

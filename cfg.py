@@ -264,7 +264,9 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                             **PRESETS[args.preset], num_classes=num_classes),
                   schedule=args.schedule, timesteps=args.timesteps, dataset=args.dataset)
     sched = Schedule(args.timesteps, args.schedule, device)
-    model = UNet(**config["unet"]).to(device)
+    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower.
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
                                   fused=device.type == "cuda")
