@@ -367,8 +367,9 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             save()
         if step % steps_per_epoch == 0 and step < total_steps:
             save()
+            sampling_start = time.perf_counter()
             save_grid(f"samples_epoch{step // steps_per_epoch}.png", 16)
-            timer_start = time.perf_counter()  # sampling time is not training time
+            timer_start += time.perf_counter() - sampling_start  # sampling is not training time
     bar.close()
     save()
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C during sampling stops at once
