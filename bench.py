@@ -112,27 +112,26 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
               "train_img_s": batch / train_seconds,
               "train_util": train_flops / train_seconds / matmul_flops}
 
-    def sampling(sampler, steps_timed: int, steps_full: int, **kwargs) -> float:
+    def sampling(sampler, steps_timed: int, steps_full: int) -> float:
         """Images/s of a full sampling run, from timing steps_timed of its steps."""
         def run():
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                sampler(ema, **kwargs)
+                sampler()
         return batch / (seconds_per_call(run, device, args.seconds, warmup=1) / steps_timed * steps_full)
 
     shape = (batch, channels, size, size)
     timed = args.timed_steps
     result["ddpm1000_img_s"] = sampling(
-        lambda m: ddpm.sample(m, ddpm.Schedule(timed, "linear", device), shape), timed, 1000)
-    result["ddim50_img_s"] = sampling(
-        lambda m: ddim.sample(m, sched, shape, timed), timed, 50)
-    forward_2b = seconds_per_call(lambda: forward_only(ema, 2 * batch, shape, device, args.amp),
-                                  device, args.seconds)
-    if name.startswith("this repo"):
+        lambda: ddpm.sample(ema, ddpm.Schedule(timed, "linear", device), shape), timed, 1000)
+    result["ddim50_img_s"] = sampling(lambda: ddim.sample(ema, sched, shape, timed), timed, 50)
+    if name.startswith("this repo"):  # guided sampling needs this repo's class-conditional U-Net
         cond = make_model(10).to(device, memory_format=memory_format).eval()
         labels = torch.arange(batch, device=device) % 10
         result["cfg50_img_s"] = sampling(
-            lambda m: cfg.sample_strided(cond, sched, shape, labels, guidance=2.0, null_label=10, steps=timed),
+            lambda: cfg.sample_strided(cond, sched, shape, labels, guidance=2.0, null_label=10, steps=timed),
             timed, 50)
+        forward_2b = seconds_per_call(lambda: forward_only(cond, 2 * batch, shape, device, args.amp),
+                                      device, args.seconds)
         result["cfg_step_over_2b_forward"] = batch / result["cfg50_img_s"] / 50 / forward_2b
     if device.type == "cuda":
         result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
