@@ -26,6 +26,10 @@ import signal
 import time
 from pathlib import Path
 
+try:
+    import fcntl  # POSIX file locks, for one training run per --out
+except ImportError:  # Windows
+    fcntl = None
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -45,8 +49,10 @@ DATASET_DEFAULTS = {
     "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000),
 }
 EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
-LOG_EVERY = 10      # steps between loss read-outs (each one waits for the device)
+LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
+LOSS_BANDS = 4      # the log shows the loss in 4 bands of t: where is the network still bad?
 CKPT_EVERY = 500    # steps between checkpoints, besides one per epoch, at the end and on Ctrl-C
+MAX_BAD_STEPS = 20  # stop after this many steps in a row with a NaN/inf gradient (all skipped)
 
 
 # ----------------------------------------------------------------------------- noise schedule
@@ -89,29 +95,43 @@ def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Te
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
-def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
-    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps (0..T-1)."""
+def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps (0..T-1).
+
+    Returns each sample's loss (their mean is L_simple) and its t, so the log can show the loss
+    by noise level."""
     t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
     eps_pred = model(q_sample(sched, x0, t, noise), t)
-    return F.mse_loss(eps_pred.float(), noise)
+    return (eps_pred.float() - noise).square().mean(dim=(1, 2, 3)), t
 
 
 # ----------------------------------------------------------------------------- sampler
 
-def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
-    """The S = steps timesteps the sampler visits (the paper's τ, Sec. 4.2), from T-1 down to 0.
+SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
-    t_i = i + round((T − S)·f(u_i)), u_i = i/(S−1), i = S−1, ..., 0. With f(u) = u ("uniform") this
-    is round(linspace(T−1, 0, S)); f(u) = u² ("quad", appendix D.2, the paper's choice for CIFAR-10)
+
+def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
+    """The timesteps the sampler visits (the paper's τ, Sec. 4.2), from the noisiest down to 0.
+
+    "uniform" and "quad": S = steps timesteps from T−1 down to 0, t_i = i + round((T − S)·f(u_i)),
+    u_i = i/(S−1), i = S−1, ..., 0. With f(u) = u this is round(linspace(T−1, 0, S)); f(u) = u²
     puts more steps at low noise, where the details are made. The "i +" keeps neighbours at least
-    1 apart even where (T−S)·u² hardly moves, and makes S = T give T-1, ..., 0 exactly.
-    We start at T-1, not at the paper's (S−1)·⌊T/S⌋ (980 for T = 1000, S = 50): x_T is drawn as
-    pure noise, so the first network call should be at the noisiest step. We end at 0, the least
-    noisy step, from which the last update jumps to x0. S = 1 gives [T-1]: noise to x̂0 in one step.
+    1 apart even where (T−S)·u² hardly moves, and makes S = T give T−1, ..., 0 exactly. They start
+    at T−1 because x_T is drawn as pure noise, so the first network call should be at the noisiest
+    step; S = 1 gives [T−1]: noise to x̂0 in one step.
+    "official-uniform" and "official-quad" are the grids of the DDIM paper's code (its Table 1):
+    range(0, T, T // S) (for T = 1000, S = 50: 980, 960, ..., 0; more than S steps where S does
+    not divide T) and int(linspace(0, √(0.8·T), S)²) (800 down to 0; for large S it repeats small
+    timesteps, steps from t to t that change nothing). Every grid ends at 0, from which the last
+    update jumps to x0.
     """
     if not 1 <= steps <= T:
         raise ValueError(f"need 1 <= steps <= T = {T}, got {steps}")
+    if skip == "official-uniform":
+        return list(range(0, T, T // steps))[::-1]
+    if skip == "official-quad":
+        return (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).long().tolist()[::-1]
     i = torch.arange(steps - 1, -1, -1, dtype=torch.float64)
     u = torch.linspace(1, 0, steps, dtype=torch.float64)  # i / (S−1); [1] when S = 1
     f = {"uniform": u, "quad": u**2}[skip]
@@ -232,19 +252,48 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
     return x
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- one training step
 
-def sample_images(ema: UNet, sched: Schedule, n: int, args, generator: torch.Generator,
-                  frames: list | None = None, progress: bool = False) -> torch.Tensor:
-    """n samples from the EMA network, as images in [0, 1]."""
-    shape = (n, ema.conv_in.in_channels, ema.image_size, ema.image_size)
-    with torch.autocast(sched.betas.device.type, torch.bfloat16, enabled=args.amp):
-        x = sample(ema, sched, shape, args.sample_steps, eta=args.eta, skip=args.skip,
-                   generator=generator, frames=frames, progress=progress)
-    return (x.float() + 1) / 2
+def update_ema(ema: UNet, model, step: int) -> None:
+    """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the network's weights only."""
+    decay = min(EMA_DECAY, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema_param, param in zip(ema.parameters(), model.parameters()):
+            ema_param.lerp_(param, 1 - decay)
 
+
+def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedule, x0: torch.Tensor,
+               step: int, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Algorithm 1, once: L_simple on a batch, a clipped AdamW step, then the EMA.
+
+    Returns the per-sample losses and their t (for the log), and whether the update was applied:
+    a step whose gradient is not finite (NaN or inf: a diverging run) changes neither the weights
+    nor the EMA. Checking costs one wait for the device per step, as in PyTorch's GradScaler.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x0.device.type, torch.bfloat16, enabled=amp):
+        losses, t = diffusion_loss(model, sched, x0)
+    optimizer.zero_grad(set_to_none=True)
+    losses.mean().backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
+        return losses.detach(), t, False
+    optimizer.step()
+    update_ema(ema, model, step)
+    return losses.detach(), t, True
+
+
+# ----------------------------------------------------------------------------- training run
 
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
+    """Train with train_step over the data, --epochs times (or --max-steps). Rank 0 writes all files
+    to --out: checkpoints, log.csv, loss.png, sample grids. Ctrl-C or SIGTERM saves and stops."""
+    out = Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+    if rank == 0:
+        lock = lock_out_dir(out)  # held until this process ends
+    ckpt = checkpoint_to_resume(ckpt_path, args)
     if rank != 0:
         dist.barrier()  # let rank 0 download the data first
     images, labels = load_dataset(args.dataset, args.data_dir)
@@ -261,23 +310,11 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
                                   fused=device.type == "cuda")
-    out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
-    step = 0
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"] != config:
-            raise SystemExit(f"error: cannot resume: {ckpt_path} holds {ckpt['config']}, "
-                             f"but these flags give {config}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    run = dict(step=0, elapsed=0.0, skipped=0)  # what the checkpoint carries besides the weights
+    if ckpt is not None:
+        restore(ckpt, config, model, ema, optimizer, run, ckpt_path, device)
         if world_size > 1:  # each rank needs its own noise; exact replay holds for one process
-            torch.manual_seed(args.seed + rank + step)
+            torch.manual_seed(args.seed + rank + run["step"])
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     if args.compile:
         train_model = torch.compile(train_model)
@@ -291,39 +328,24 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
 
     def save() -> None:
         if rank == 0:
-            rng = {"cpu": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), ema=ema.state_dict(),
-                                            optimizer=optimizer.state_dict(), step=step,
-                                            config=config, args=vars(args), rng=rng))
+                                            optimizer=optimizer.state_dict(), config=config,
+                                            args=vars(args), rng=rng_state(device), **run))
 
-    def save_grid(name: str, n: int, frames: list | None = None) -> None:
-        if rank == 0:
-            grid = sample_images(ema, sched, n, args, sample_generator.manual_seed(args.seed),
-                                 frames, progress=True)
-            save_image(grid, out / name, nrow=math.ceil(math.sqrt(n)))
-
-    stop_signals = []  # Ctrl-C or SIGTERM: finish the step, save, and exit
-
-    def request_stop(signum, _frame):
-        stop_signals.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, request_stop)
-
+    stop_signals = catch_stop_signals()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        log = open_log(out / "log.csv", run["step"], args.timesteps)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.dataset}: {len(images)} images {tuple(images.shape[1:])}, "
               f"{n_params / 1e6:.2f}M parameters, {total_steps} steps of batch {args.batch_size} "
-              f"on {device} × {world_size}")
+              f"on {device} × {world_size}" + (f", resuming at step {run['step']}" if ckpt else ""))
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    loss_sum, timer_start, timer_step = torch.zeros((), device=device), time.perf_counter(), step
-    order_epoch = None
-    while step < total_steps:
+    bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0, dynamic_ncols=True)
+    totals = torch.zeros(2, LOSS_BANDS, device=device)  # per band of t: summed loss, count
+    timer_start, timer_step, bad_in_a_row = time.perf_counter(), run["step"], 0
+    order, order_epoch = None, None
+    while run["step"] < total_steps:
+        step = run["step"]
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # depends only on (seed, epoch): a resumed run sees the same batches
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -332,63 +354,228 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         local_index = batch_index[rank * local_batch:(rank + 1) * local_batch].to(device)
         x0 = to_model_range(images[local_index], flip=args.dataset == "cifar10")
 
-        for group in optimizer.param_groups:  # linear warmup
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            loss = diffusion_loss(train_model, sched, x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        step += 1
-        loss_sum += loss.detach()
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
+        losses, t, applied = train_step(train_model, ema, optimizer, sched, x0, step, lr, args.amp)
+        run["step"] = step = step + 1
+        if applied:
+            bad_in_a_row = 0
+            band = t * LOSS_BANDS // sched.T
+            totals[0].index_add_(0, band, losses.float())
+            totals[1].index_add_(0, band, torch.ones_like(losses, dtype=torch.float))
+        else:
+            run["skipped"] += 1
+            bad_in_a_row += 1
+            if bad_in_a_row == MAX_BAD_STEPS:
+                raise SystemExit(f"error: the gradient was NaN or inf for {MAX_BAD_STEPS} steps in a row "
+                                 f"(at step {step}): training diverged. {ckpt_path} holds the last good "
+                                 f"state; try a lower --lr, or --no-amp, and --resume")
         bar.update(1)
 
         if step % LOG_EVERY == 0 or step == total_steps:
-            stopping = torch.tensor(float(bool(stop_signals)), device=device)
             if world_size > 1:
-                dist.all_reduce(stopping)
-                dist.all_reduce(loss_sum)
+                dist.all_reduce(totals)
             elapsed = time.perf_counter() - timer_start
+            run["elapsed"] += elapsed
             images_per_s = (step - timer_step) * args.batch_size / elapsed
-            bar.set_postfix(loss=f"{loss_sum.item() / world_size / (step - timer_step):.4f}",
-                            img_per_s=f"{images_per_s:.0f}")
-            loss_sum.zero_()
+            band_loss = (totals[0] / totals[1]).tolist()  # NaN for a band with no sample
+            loss = (totals[0].sum() / totals[1].sum()).item()
+            bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_s:.0f}", skipped=run["skipped"])
+            if rank == 0:
+                log.write(",".join(map(str, [step, f"{step / steps_per_epoch:.3f}", f"{loss:.5f}",
+                                             f"{lr:.3g}", f"{images_per_s:.1f}", f"{run['elapsed']:.1f}",
+                                             run["skipped"]] + [f"{b:.5f}" for b in band_loss])) + "\n")
+                log.flush()
+            totals.zero_()
             timer_start, timer_step = time.perf_counter(), step
-            if stopping.item():
-                save()
-                bar.close()
+        if stop_requested(stop_signals, step, world_size, device):
+            save()
+            bar.close()
+            if rank == 0:
+                plot_log(out / "log.csv", out / "loss.png")
                 print(f"stopped at step {step}; saved {ckpt_path}; continue with --resume")
-                return
+            return
         if step % CKPT_EVERY == 0:
             save()
         if step % steps_per_epoch == 0 and step < total_steps:
             save()
             sampling_start = time.perf_counter()
-            save_grid(f"samples_epoch{step // steps_per_epoch}.png", 16)
+            if rank == 0:
+                grid = sample_in_batches(ema, sched, 16, args, sample_generator.manual_seed(args.seed))
+                save_image(grid, out / f"samples_epoch{step // steps_per_epoch}.png", nrow=4)
             timer_start += time.perf_counter() - sampling_start  # sampling is not training time
     bar.close()
     save()
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C during sampling stops at once
         signal.signal(signum, signal.SIG_DFL)
-    frames = []
-    save_grid("samples.png", args.n_samples, frames)
     if rank == 0:
+        plot_log(out / "log.csv", out / "loss.png")
+        frames = []
+        grid = sample_in_batches(ema, sched, args.n_samples, args,
+                                 sample_generator.manual_seed(args.seed), frames)
+        save_image(grid[:256], out / "samples.png", nrow=math.ceil(math.sqrt(min(256, len(grid)))))
         save_gif(frames, out / "reverse.gif")
-        print(f"wrote {ckpt_path}, {out / 'samples.png'} and {out / 'reverse.gif'}")
+        print(f"wrote {ckpt_path}, {out / 'samples.png'}, {out / 'reverse.gif'} and {out / 'log.csv'}")
+
+
+# ----------------------------------------------------------------------------- training plumbing
+
+def lock_out_dir(out: Path):
+    """One training run per --out: hold an exclusive lock on <out>/lock while this process lives.
+    The OS releases it when the process dies, even by kill -9, so a dead run never blocks the next.
+    (fcntl is POSIX; on Windows there is no lock.) Also removes a half-written ckpt.pt.tmp."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / "lock", "w")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another run is training in {out} right now (it holds {out / 'lock'}); "
+                             f"wait for it to end, or choose another --out") from None
+    (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # left by a kill during a save; ckpt.pt is whole
+    return handle
+
+
+def checkpoint_to_resume(ckpt_path: Path, args) -> dict | None:
+    """The checkpoint to continue from, or None to start fresh. Never overwrites a run by accident:
+    a fresh start where a checkpoint exists needs --overwrite."""
+    if args.resume or (args.auto_resume and ckpt_path.is_file()):
+        ckpt = load_checkpoint(ckpt_path)
+        if "optimizer" not in ckpt:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: it holds no optimizer state (a "
+                             f"sampling-only checkpoint, made by --export); use it with --sample-only")
+        return ckpt
+    if ckpt_path.is_file() and not args.overwrite:
+        raise SystemExit(f"error: {ckpt_path.parent} already holds a training run ({ckpt_path}). "
+                         f"Continue it with --resume, start over with --overwrite, or choose another --out")
+    return None
+
+
+def restore(ckpt: dict, config: dict, model: UNet, ema: UNet, optimizer, run: dict, ckpt_path: Path,
+            device: torch.device) -> None:
+    """Load a checkpoint's weights, optimizer, step counters and RNG states into this run."""
+    if ckpt["config"] != config:
+        raise SystemExit(f"error: cannot resume: {ckpt_path} holds {ckpt['config']}, "
+                         f"but these flags give {config}")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    run.update({key: ckpt.get(key, 0) for key in run})
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+
+
+def rng_state(device: torch.device) -> dict:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def catch_stop_signals() -> list:
+    """Ctrl-C or SIGTERM: note it (the loop then saves and exits); a second one stops at once."""
+    stop_signals = []
+
+    def request_stop(signum, _frame):
+        stop_signals.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, request_stop)
+    return stop_signals
+
+
+def stop_requested(stop_signals: list, step: int, world_size: int, device: torch.device) -> bool:
+    """One process stops after the step in which the signal came. DDP ranks must stop together,
+    so they compare flags every LOG_EVERY steps (one all_reduce)."""
+    if world_size == 1:
+        return bool(stop_signals)
+    if step % LOG_EVERY:
+        return False
+    flag = torch.tensor(float(bool(stop_signals)), device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def open_log(path: Path, step: int, T: int):
+    """log.csv, one row per LOG_EVERY steps. A fresh run starts it anew; a resumed one keeps the
+    rows up to its checkpoint's step (later ones were lost with the process) and appends."""
+    bands = [f"loss_t{T * b // LOSS_BANDS}-{T * (b + 1) // LOSS_BANDS - 1}" for b in range(LOSS_BANDS)]
+    header = ",".join(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"] + bands)
+    rows = path.read_text().splitlines()[1:] if step > 0 and path.is_file() else []
+    rows = [row for row in rows if int(row.split(",")[0]) <= step]
+    path.write_text("\n".join([header] + rows) + "\n")
+    return open(path, "a")
+
+
+def plot_log(csv_path: Path, png_path: Path) -> None:
+    """loss.png: the loss, and the loss in each band of t, against the step (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"the training record is in {csv_path}; pip install matplotlib to get {png_path.name}")
+        return
+    header, *rows = [line.split(",") for line in csv_path.read_text().splitlines()]
+    if not rows:
+        return
+    columns = {name: [float(row[i]) for row in rows] for i, name in enumerate(header)}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(columns["step"], columns["loss"], color="black", label="loss")
+    for name in header[7:]:
+        ax.plot(columns["step"], columns[name], linewidth=0.8, label=name.replace("loss_", ""))
+    ax.set(xlabel="step", ylabel="L_simple (MSE of ε)", yscale="log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def sample_images(ema: UNet, sched: Schedule, n: int, args, generator: torch.Generator,
+                  frames: list | None = None, progress: bool = False) -> torch.Tensor:
+    """n samples from the EMA network, as images in [0, 1]."""
+    shape = (n, ema.conv_in.in_channels, ema.image_size, ema.image_size)
+    with torch.autocast(sched.betas.device.type, torch.bfloat16, enabled=args.amp):
+        x = sample(ema, sched, shape, args.sample_steps, eta=args.eta, skip=args.skip,
+                   generator=generator, frames=frames, progress=progress)
+    return (x.float() + 1) / 2
+
+
+def sample_in_batches(ema: UNet, sched: Schedule, n: int, args, generator: torch.Generator,
+                      frames: list | None = None) -> torch.Tensor:
+    """n samples in batches of --batch-size (memory stays bounded), as [0, 1] images on the CPU.
+    frames: filled from the first batch, for a GIF."""
+    images = []
+    for start in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size,
+                      dynamic_ncols=True):
+        images.append(sample_images(ema, sched, min(args.batch_size, n - start), args, generator,
+                                    frames if start == 0 else None, progress=True).cpu())
+    return torch.cat(images)
 
 
 # ----------------------------------------------------------------------------- checkpoints and outputs
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file, then rename: a kill during the save leaves the old checkpoint."""
+    """Write to a temporary file, flush it to disk, then rename it over the old checkpoint: a kill
+    or a full disk at any moment leaves the previous checkpoint whole. Non-finite weights are
+    refused: a checkpoint is always one that training can continue from."""
+    weights = [v for key in ("model", "ema") if key in state for v in state[key].values()]
+    if not all(torch.isfinite(v).all() for v in weights if v.is_floating_point()):
+        raise SystemExit(f"error: the weights are NaN or inf: not overwriting {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # full disk, no permission, ...
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint, if any, "
+                         f"is intact") from None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -409,6 +596,27 @@ def load_checkpoint(path: Path) -> dict:
                          f"scripts, or refused as unsafe ({type(e).__name__}: {reason})") from None
 
 
+def load_ema(ckpt_path: Path, device: torch.device) -> tuple[UNet, dict]:
+    """A checkpoint's EMA network, ready to sample, and its config."""
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ema = UNet(**ckpt["config"]["unet"]).to(device).eval()
+        ema.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: checkpoint {ckpt_path} does not fit its own config: "
+                         f"{str(e).splitlines()[0]}") from None
+    return ema, ckpt
+
+
+def export(args) -> None:
+    """A sampling-only copy of a checkpoint: EMA weights and config, no optimizer (a third the size)."""
+    ckpt_path = Path(args.ckpt) if args.ckpt else Path(args.out) / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    save_checkpoint(Path(args.export), {key: ckpt[key] for key in ("ema", "config", "step", "args")
+                                        if key in ckpt})
+    print(f"wrote {args.export}: the EMA weights of {ckpt_path} at step {ckpt['step']}")
+
+
 def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
     """The reverse process as an animation: one grid of the first n samples per recorded step."""
     pictures = []
@@ -420,33 +628,27 @@ def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
 
 
 def sample_only(args, device: torch.device) -> None:
-    """Load a checkpoint's EMA network and write args.n_samples samples (a grid, and PNGs if asked)
-    and consistency.png; or, with --invert / --interpolate, their pictures instead."""
+    """Load a checkpoint's EMA network and write args.n_samples samples (a grid, and PNGs if asked);
+    or, with --invert / --interpolate / --consistency, their pictures instead."""
     ckpt_path = Path(args.ckpt) if args.ckpt else Path(args.out) / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path)
+    ema, ckpt = load_ema(ckpt_path, device)
     config = ckpt["config"]
-    try:
-        ema = UNet(**config["unet"]).to(device).eval()
-        ema.load_state_dict(ckpt["ema"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: checkpoint {ckpt_path} does not fit its own config: "
-                         f"{str(e).splitlines()[0]}") from None
     sched = Schedule(config["timesteps"], config["schedule"], device)
     args.sample_steps = checked_sample_steps(args.sample_steps, sched.T)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.invert or args.interpolate:
-        if args.invert:
-            save_inversion(ema, sched, args, config["dataset"], out)
-        if args.interpolate:
-            save_interpolation(ema, sched, args, out)
+    if args.invert or args.interpolate or args.consistency:
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # as all sampling
+            if args.invert:
+                save_inversion(ema, sched, args, config["dataset"], out)
+            if args.interpolate:
+                save_interpolation(ema, sched, args, out)
+            if args.consistency:
+                save_consistency(ema, sched, args, out)
         return
     generator = torch.Generator(device).manual_seed(args.seed)
-    images, start_time = [], time.perf_counter()
-    for start in tqdm(range(0, args.n_samples, args.batch_size), desc="batches", dynamic_ncols=True):
-        n = min(args.batch_size, args.n_samples - start)
-        images.append(sample_images(ema, sched, n, args, generator, progress=True).cpu())
-    images = torch.cat(images)
+    start_time = time.perf_counter()
+    images = sample_in_batches(ema, sched, args.n_samples, args, generator)
     seconds = time.perf_counter() - start_time
     print(f"sampled {len(images)} images in {seconds:.1f} s ({1000 * seconds / len(images):.0f} ms per image)")
     grid = images[:256]  # a grid bigger than 16×16 is too small to look at
@@ -458,7 +660,6 @@ def sample_only(args, device: torch.device) -> None:
         for i, image in enumerate(images):
             save_image(image, png_dir / f"{i:06d}.png")
         print(f"wrote {len(images)} PNGs to {png_dir}")
-    save_consistency(ema, sched, args, out)
 
 
 def random_latents(ema: UNet, n: int, seed: int) -> torch.Tensor:
@@ -524,11 +725,13 @@ def pick_device(name: str) -> torch.device:
 def bf16_is_native(device: torch.device) -> bool:
     """Whether bfloat16 autocast speeds this device up (rather than emulating bf16 slowly).
 
-    On an AVX-512 BF16 CPU it trains the 28×28 network about 1.7× faster than float32."""
+    On an AVX-512 BF16 CPU it trains the 28×28 network about 1.7× faster than float32. The CPU
+    checks are private PyTorch helpers: where a version lacks them, the answer is no (float32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and newer
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(check() for check in checks if check is not None)
     return False
 
 
@@ -547,21 +750,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder; default runs/ddim")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue from <out>/ckpt.pt if there is one, else start fresh (torchrun --max-restarts)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh run even if <out> holds one (its checkpoint is replaced)")
     p.add_argument("--sample-only", action="store_true", help="no training: sample a checkpoint")
     p.add_argument("--ckpt", help="checkpoint for --sample-only; default <out>/ckpt.pt")
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--save-pngs", metavar="DIR", help="with --sample-only: one PNG per sample")
+    p.add_argument("--export", metavar="PATH",
+                   help="no training: write the EMA weights and config of --ckpt (default <out>/ckpt.pt) to PATH")
     p.add_argument("--sample-steps", type=int, help="sampler steps S, 1..T; default 50 (T if smaller)")
     p.add_argument("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--eta", type=float, default=0.0,
                    help="η in [0, 1]: 0 deterministic DDIM, 1 DDPM-like noise (eq. 16)")
-    p.add_argument("--skip", choices=["uniform", "quad"], default="uniform",
-                   help="spacing of the S sampler steps over 0..T-1")
+    p.add_argument("--skip", choices=SKIPS, default="uniform",
+                   help="the sampler's timesteps: from T-1 evenly (uniform) or denser at low noise "
+                        "(quad); official-*: the DDIM code's grids")
     p.add_argument("--invert", action="store_true",
                    help="no training: invert 8 training images to x_T and back, write inversion.png")
     p.add_argument("--interpolate", action="store_true",
                    help="no training: decode slerps between latents, write interpolation.png")
+    p.add_argument("--consistency", action="store_true",
+                   help="no training: decode the same latents in 10..1000 steps, write consistency.png")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="bfloat16 autocast; default: on where bf16 is native (recent GPUs, AVX-512 BF16 CPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -570,7 +782,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = args.out or "runs/ddim"
-    args.sample_only = args.sample_only or args.invert or args.interpolate
+    args.sample_only = args.sample_only or args.invert or args.interpolate or args.consistency
     for name in ("epochs", "batch_size", "n_samples", "timesteps", "warmup", "max_steps", "sample_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -580,6 +792,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--eta must be in [0, 1]")
     if not args.sample_only:  # with --sample-only, T comes from the checkpoint: checked after loading
         args.sample_steps = checked_sample_steps(args.sample_steps, args.timesteps)
+    if args.resume + args.auto_resume + args.overwrite > 1:
+        p.error("choose one of --resume, --auto-resume and --overwrite")
     return args
 
 
@@ -589,8 +803,8 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", 0))
     device = pick_device(args.device)
     if world_size > 1:  # started by torchrun: one process per GPU, or gloo on the CPU
-        if args.sample_only:
-            raise SystemExit("error: --sample-only runs in one process; start it without torchrun")
+        if args.sample_only or args.export:
+            raise SystemExit("error: --sample-only and --export run in one process; start them without torchrun")
         if args.batch_size % world_size:
             raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world_size} processes")
         if device.type == "cuda":
@@ -601,7 +815,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     if args.amp is None:
         args.amp = bf16_is_native(device)
-    if args.sample_only:
+    if args.export:
+        export(args)
+    elif args.sample_only:
         sample_only(args, device)
     else:
         train(args, device, rank, world_size)
