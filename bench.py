@@ -6,10 +6,11 @@
 
 Prints, for one preset and device: training images/s (the full step of the scripts: loss,
 backward, gradient clipping, AdamW, EMA), sampling images/s for DDPM-1000, DDIM-50 and guided
-CFG-50, peak memory, and the achieved model FLOP/s (FLOPs counted by PyTorch's FlopCounterMode)
-as a fraction of the device's dense-matmul FLOP/s measured in the same run, so the ratio holds on
-a noisy machine. Sampling is timed over a few steps and scaled to the full step count: every step
-of a sampler costs the same. If `diffusers` is installed, its UNet2DModel, configured to the same
+CFG-50, peak memory (on the CPU the process's peak so far, so shown for the first model only),
+and the achieved model FLOP/s (FLOPs counted by PyTorch's FlopCounterMode) as a fraction of
+the device's dense-matmul FLOP/s measured in the same run, so the ratio holds on a noisy machine.
+Sampling is timed over a few steps and scaled to the full step count: every step of a sampler
+costs the same. If `diffusers` is installed, its UNet2DModel, configured to the same
 width, depth and attention, is measured the same way.
 """
 import argparse
@@ -62,8 +63,7 @@ class DiffusersUNet(nn.Module):
     def __init__(self, image_channels: int, image_size: int, preset: dict, num_classes: int | None):
         super().__init__()
         from diffusers import UNet2DModel
-        resolutions = [image_size // 2**level for level in range(len(preset["channel_mult"]))]
-        attention = [r in preset["attn_resolutions"] for r in resolutions]
+        attention = [level in preset["attn_levels"] for level in range(len(preset["channel_mult"]))]
         self.net = UNet2DModel(
             sample_size=image_size, in_channels=image_channels, out_channels=image_channels,
             block_out_channels=[preset["channels"] * m for m in preset["channel_mult"]],
@@ -79,7 +79,7 @@ class DiffusersUNet(nn.Module):
         return self.net(x, t, class_labels=y).sample
 
 
-def measure(name: str, make_model, args, device: torch.device, matmul_flops: float) -> dict:
+def measure(name: str, make_model, args, device: torch.device, matmul_flops: float, first: bool) -> dict:
     channels, size = IMAGE_SHAPES[args.preset]
     batch = args.batch_size
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -91,19 +91,11 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
     x0 = torch.randn(batch, channels, size, size, device=device).clamp(-1, 1)
     x0 = x0.contiguous(memory_format=memory_format)
 
-    def train_step():  # the step of the scripts' training loop
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            loss = ddpm.diffusion_loss(train_model, sched, x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1e-4)
+    def train_step():  # the scripts' training step: loss, backward, clipping, AdamW, EMA
+        ddpm.train_step(train_model, ema, optimizer, sched, x0, 10**6, 1e-4, args.amp)
 
     with FlopCounterMode(display=False) as counter:
-        loss = ddpm.diffusion_loss(model, sched, x0)
-        loss.backward()
+        ddpm.diffusion_loss(model, sched, x0)[0].mean().backward()
     train_flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -128,14 +120,14 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
         cond = make_model(10).to(device, memory_format=memory_format).eval()
         labels = torch.arange(batch, device=device) % 10
         result["cfg50_img_s"] = sampling(
-            lambda: cfg.sample_strided(cond, sched, shape, labels, guidance=2.0, null_label=10, steps=timed),
+            lambda: cfg.sample(cond, sched, shape, timed, labels, guidance=2.0, null_label=10),
             timed, 50)
         forward_2b = seconds_per_call(lambda: forward_only(cond, 2 * batch, shape, device, args.amp),
                                       device, args.seconds)
         result["cfg_step_over_2b_forward"] = batch / result["cfg50_img_s"] / 50 / forward_2b
     if device.type == "cuda":
         result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # peak resident memory of this process so far (Linux reports KiB)
+    elif first:  # the process's peak resident memory so far (Linux: KiB): valid for the first model only
         result["peak_mem_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
@@ -176,7 +168,7 @@ def main() -> None:
         models["diffusers UNet2DModel"] = lambda k: DiffusersUNet(channels, size, preset, k)
     else:
         print("diffusers is not installed: pip install diffusers to compare against UNet2DModel")
-    rows = [measure(name, make, args, device, matmul) for name, make in models.items()]
+    rows = [measure(name, make, args, device, matmul, first=i == 0) for i, (name, make) in enumerate(models.items())]
     columns = ["params_M", "train_img_s", "train_util", "ddpm1000_img_s", "ddim50_img_s",
                "cfg50_img_s", "cfg_step_over_2b_forward", "peak_mem_GiB"]
     print(f"{'':24s}" + "".join(f"{c:>26s}" for c in columns))

@@ -2,13 +2,20 @@
 
 Run: python -m pytest -q test_all.py        (under ~3 minutes on 2 CPU cores)
 """
+import copy
+import inspect
+import math
 import os
 import pickle
+import random
+import signal
+import time
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +23,8 @@ from PIL import Image
 import cfg
 import ddim
 import ddpm
-from unet import PRESETS, UNet
+import unet
+from unet import PRESETS, UNet, timestep_embedding
 
 ROOT = Path(__file__).resolve().parent
 
@@ -24,7 +32,7 @@ ROOT = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------- helpers
 
 def gaussian_eps(sched, mu: float, s: float):
-    """The optimal ε-predictor when x0 ~ N(mu, s² I): E[ε | x_t] in closed form (DESIGN.md).
+    """The optimal ε-predictor when x0 ~ N(mu, s² I): E[ε | x_t] in closed form.
 
     x_t = √ᾱ x0 + √(1−ᾱ) ε  ⇒  E[ε | x_t] = √(1−ᾱ) (x_t − √ᾱ mu) / (ᾱ s² + 1 − ᾱ).
     """
@@ -182,15 +190,13 @@ def test_short_training_lowers_the_loss():
         x0[i, :, 4 + i % 3 * 6:12 + i % 3 * 6, 4:12] = 1
     sched = ddpm.Schedule(1000, "linear")
     model = UNet(1, 28, **PRESETS["small"])
+    ema = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.manual_seed(1)
-    first = sum(ddpm.diffusion_loss(model, sched, x0).item() for _ in range(8)) / 8
-    for _ in range(60):
-        loss = ddpm.diffusion_loss(model, sched, x0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    last = sum(ddpm.diffusion_loss(model, sched, x0).item() for _ in range(8)) / 8
+    first = sum(ddpm.diffusion_loss(model, sched, x0)[0].mean().item() for _ in range(8)) / 8
+    for step in range(60):
+        assert ddpm.train_step(model, ema, optimizer, sched, x0, step, 1e-3, amp=False)[2]
+    last = sum(ddpm.diffusion_loss(model, sched, x0)[0].mean().item() for _ in range(8)) / 8
     assert last < 0.5 * first
 
 
@@ -433,15 +439,16 @@ def test_cli_sample_only_a_ddpm_checkpoint(ddpm_ckpt, tmp_path):
                    "--skip", "quad")
     assert r.returncode == 0, r.stderr
     assert len(list(pngs.glob("*.png"))) == 3 and (tmp_path / "samples.png").is_file()
-    assert "rows of 10, 20 steps" in r.stdout  # T = 20: only the step counts up to T
-    assert Image.open(tmp_path / "consistency.png").size == (8 * 30 + 2, 2 * 30 + 2)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["samples.png"]  # no picture unasked for
 
 
 def test_cli_invert_and_interpolate(ddpm_ckpt, tiny_data, tmp_path):
     r = run_script("ddim.py", *FAST, "--data-dir", str(tiny_data), "--invert", "--interpolate",
-                   "--ckpt", str(ddpm_ckpt), "--out", str(tmp_path), "--sample-steps", "10")
+                   "--consistency", "--ckpt", str(ddpm_ckpt), "--out", str(tmp_path), "--sample-steps", "10")
     assert r.returncode == 0, r.stderr
     assert "reconstruction MSE" in r.stdout
+    assert "rows of 10, 20 steps" in r.stdout  # T = 20: only the step counts up to T
+    assert Image.open(tmp_path / "consistency.png").size == (8 * 30 + 2, 2 * 30 + 2)
     assert Image.open(tmp_path / "inversion.png").size == (8 * 30 + 2, 3 * 30 + 2)  # 3 rows of 8
     assert Image.open(tmp_path / "interpolation.png").size == (10 * 30 + 2, 3 * 30 + 2)
     assert not (tmp_path / "samples.png").exists()  # these modes replace sampling
@@ -533,11 +540,11 @@ def test_guided_eps_is_the_tilted_score(sched):
 
 # ----------------------------------------------------------------------------- samplers, exactly
 
-def two_class_samples(sampler, sched, w: float, **kwargs) -> list[torch.Tensor]:
-    """2000 × 16 values per class from `sampler` with the exact mixture model, guided with w."""
+def two_class_samples(sched, w: float, steps: int, eta: float) -> list[torch.Tensor]:
+    """2000 × 16 values per class from cfg.sample with the exact mixture model, guided with w."""
     y = torch.arange(4000) % 2
-    x = sampler(mixture_eps(sched, MEANS, S), sched, (4000, 1, 4, 4), y, guidance=w, null_label=NULL,
-                generator=torch.Generator().manual_seed(0), **kwargs)
+    x = cfg.sample(mixture_eps(sched, MEANS, S), sched, (4000, 1, 4, 4), steps, y, guidance=w,
+                   null_label=NULL, eta=eta, generator=torch.Generator().manual_seed(0))
     return [x[y == c] for c in (0, 1)]
 
 
@@ -556,12 +563,13 @@ def ddim_gain(sched, steps: int) -> float:
 
 def test_unguided_samples_match_each_class(sched):
     """w = 0 is the plain conditional model: each class comes out as N(m_c, S²)."""
-    # Ancestral, T steps: exact up to Monte Carlo error (32000 values: std error of mean 8e-4, of std 6e-4).
-    for c, x in enumerate(two_class_samples(cfg.sample, sched, 0.0)):
+    # T steps with η = 1 (DDPM's ancestral sampler, σ² = β̃): exact up to Monte Carlo error
+    # (32000 values: std error of mean 8e-4, of std 6e-4).
+    for c, x in enumerate(two_class_samples(sched, 0.0, sched.T, eta=1.0)):
         assert x.mean().item() == pytest.approx(MEANS[c], abs=0.005)
         assert x.std().item() == pytest.approx(S, abs=0.005)
     # Strided η=0, 50 steps: the mean is right and the std is DDIM's exact Π k (0.127 here, not 0.15).
-    for c, x in enumerate(two_class_samples(cfg.sample_strided, sched, 0.0, steps=50)):
+    for c, x in enumerate(two_class_samples(sched, 0.0, 50, eta=0.0)):
         assert x.mean().item() == pytest.approx(MEANS[c], abs=0.005)
         assert x.std().item() == pytest.approx(ddim_gain(sched, 50), abs=0.003)
 
@@ -571,7 +579,7 @@ def strided_reference(sched, c: int, w: float, steps: int, n: int = 4001) -> tup
 
     The sampler is a deterministic map of x_T ~ N(0, 1), so its moments are integrals over x_T:
     push n equal-probability quantiles of N(0, 1) through the map. The map is the same update as
-    cfg.sample_strided (clipped x̂0, ε re-derived), but ε̃ comes from tilted_eps, not from guided_eps.
+    cfg.sample at η = 0 (clipped x̂0, ε re-derived), but ε̃ comes from tilted_eps, not from guided_eps.
     """
     quantiles = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     x = torch.distributions.Normal(0.0, 1.0).icdf(quantiles).view(-1, 1, 1, 1)
@@ -597,14 +605,14 @@ def test_guidance_pushes_samples_away_from_the_other_class(sched):
     """
     mean, std = strided_reference(sched, 1, 2.0, steps=50)
     assert mean > 0.6 and std < 0.1  # ≈ 0.609 and 0.089: away from the other class, less diverse
-    classes = two_class_samples(cfg.sample_strided, sched, 2.0, steps=50)
+    classes = two_class_samples(sched, 2.0, 50, eta=0.0)
     for c, x in enumerate(classes):
         sign = 1 if MEANS[c] > 0 else -1  # the mixture is symmetric: class 0 mirrors class 1
         assert x.mean().item() == pytest.approx(sign * mean, abs=0.005)
         assert x.std().item() == pytest.approx(std, abs=0.003)
     # The ancestral sampler follows a different (stochastic) path, so its target differs; it must
     # still push each class outwards, well beyond Monte Carlo error (std error of the mean 8e-4).
-    for c, x in enumerate(two_class_samples(cfg.sample, sched, 2.0)):
+    for c, x in enumerate(two_class_samples(sched, 2.0, sched.T, eta=1.0)):
         assert (x.mean().item() - MEANS[c]) * (1 if MEANS[c] > 0 else -1) > 0.02
 
 
@@ -631,8 +639,8 @@ def test_loss_gives_the_model_the_labels(sched):
     assert torch.equal(seen[0], y)
 
 
-@pytest.mark.parametrize("sampler,steps", [("sample", None), ("sample_strided", 7)])
-def test_guidance_is_one_forward_pass_of_2b_per_step(sampler, steps):
+@pytest.mark.parametrize("steps,eta", [(20, 1.0), (7, 0.0)])
+def test_guidance_is_one_forward_pass_of_2b_per_step(steps, eta):
     """Conditional and unconditional passes share one batch [x, x] with labels [y, ∅]."""
     sched = cfg.Schedule(20, "linear")
     calls = []
@@ -642,18 +650,16 @@ def test_guidance_is_one_forward_pass_of_2b_per_step(sampler, steps):
         calls.append((len(x), t[0].item(), y.tolist()))
         return exact(x, t, y)
 
-    kwargs = {} if steps is None else {"steps": steps}
     y, frames = torch.tensor([0, 1, 1]), []
-    x = getattr(cfg, sampler)(model, sched, (3, 1, 2, 2), y, guidance=2.0, null_label=NULL, frames=frames,
-                              **kwargs)
+    x = cfg.sample(model, sched, (3, 1, 2, 2), steps, y, guidance=2.0, null_label=NULL, eta=eta, frames=frames)
     timesteps = [t for _, t, _ in calls]
-    assert len(calls) == (steps or sched.T)  # exactly one model call per step
+    assert len(calls) == steps  # exactly one model call per step
     assert len(frames) == len(calls) and torch.equal(frames[-1], x)  # under 50 steps: a frame each
     assert all(n == 6 and labels == [0, 1, 1, NULL, NULL, NULL] for n, _, labels in calls)
     # The grid starts at T−1, ends at t = 0 and never repeats a timestep.
     assert timesteps[0] == sched.T - 1 and timesteps[-1] == 0 and timesteps == sorted(set(timesteps))[::-1]
     calls.clear()  # w = 0 needs the conditional half only
-    getattr(cfg, sampler)(model, sched, (3, 1, 2, 2), y, guidance=0.0, null_label=NULL, **kwargs)
+    cfg.sample(model, sched, (3, 1, 2, 2), steps, y, guidance=0.0, null_label=NULL, eta=eta)
     assert all(n == 3 and labels == [0, 1, 1] for n, _, labels in calls)
 
 
@@ -663,7 +669,7 @@ def test_guidance_is_one_forward_pass_of_2b_per_step(sampler, steps):
 def cfg_run(tiny_data, tmp_path_factory):
     """Two training steps on the tiny dataset (10 classes): the checkpoint and pictures.
 
-    T = 4 keeps the guidance sweep (90 guided samples) quick with the ancestral sampler.
+    T = 4 keeps the guidance sweep (5 × 30 guided samples) quick.
     """
     out = tmp_path_factory.mktemp("cfg_run")
     r = run_script("cfg.py", *FAST, "--timesteps", "4", "--data-dir", str(tiny_data), "--out", str(out),
@@ -681,25 +687,28 @@ def test_cli_train_then_sample_a_class(cfg_run, tiny_data, tmp_path):
 
     common = ["--device", "cpu", "--out", str(tmp_path), "--ckpt", str(cfg_run / "ckpt.pt"), "--sample-only"]
     r = run_script("cfg.py", *common, "--class", "3", "--n-samples", "5", "--sample-steps", "2",
-                   "--save-pngs", str(tmp_path / "three"))  # 2 < T steps: the strided sampler
+                   "--save-pngs", str(tmp_path / "three"))
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in (tmp_path / "three").glob("*.png"))
     assert names == [f"class3_{i:06d}.png" for i in range(5)]
-    assert (tmp_path / "samples.png").is_file() and (tmp_path / "guidance_sweep.png").is_file()
+    assert (tmp_path / "samples.png").is_file() and not (tmp_path / "guidance_sweep.png").exists()
 
-    r = run_script("cfg.py", *common, "--n-samples", "12", "--save-pngs", str(tmp_path / "all"))
-    assert r.returncode == 0, r.stderr  # default: the classes in turn, with the ancestral sampler
+    r = run_script("cfg.py", *common, "--n-samples", "12", "--save-pngs", str(tmp_path / "all"), "--sweep")
+    assert r.returncode == 0, r.stderr  # default: the classes in turn
+    assert Image.open(tmp_path / "guidance_sweep.png").size == (3 * 10 * 30 + 2, 5 * 30 + 2)
     names = {p.name for p in (tmp_path / "all").glob("*.png")}
     assert names == {f"class{i % 10}_{i:06d}.png" for i in range(12)}
 
 
-@pytest.mark.parametrize("case", ["class-train", "class-sample", "ddpm-checkpoint"])
+@pytest.mark.parametrize("case", ["class-train", "class-sample", "ddpm-checkpoint", "steps-above-T"])
 def test_cfg_cli_bad_input_is_one_clear_error(case, cfg_run, tiny_data, tmp_path):
     args = [*FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path)]
     if case == "class-train":  # the tiny dataset has classes 0..9
         args += ["--class", "10", "--max-steps", "2"]
     elif case == "class-sample":
         args += ["--sample-only", "--ckpt", str(cfg_run / "ckpt.pt"), "--class", "10"]
+    elif case == "steps-above-T":  # T = 4: more sampler steps than timesteps is no sampler at all
+        args += ["--sample-only", "--ckpt", str(cfg_run / "ckpt.pt"), "--sample-steps", "5000"]
     elif case == "ddpm-checkpoint":  # unconditional: no num_classes, no label embedding
         r = run_script("ddpm.py", *args, "--max-steps", "1")
         assert r.returncode == 0, r.stderr
@@ -716,3 +725,268 @@ def test_p_uncond_must_be_a_probability(p_uncond, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cfg.parse_args(["--p-uncond", p_uncond])
     assert exit_info.value.code != 0 and "error: --p-uncond" in capsys.readouterr().err
+
+
+# ============================================================================= one text, three scripts
+
+# The scaffolding is repeated on purpose, so that `diff ddpm.py ddim.py` shows only what DDIM changes
+# and `diff ddim.py cfg.py` only guidance. This keeps it so: it names the function that drifted.
+SHARED = {
+    (ddpm, ddim, cfg): ["Schedule", "expand", "q_sample", "load_dataset", "to_model_range", "update_ema",
+                        "lock_out_dir", "checkpoint_to_resume", "restore", "rng_state",
+                        "catch_stop_signals", "stop_requested", "open_log", "plot_log", "save_checkpoint",
+                        "load_checkpoint", "load_ema", "export", "save_gif", "pick_device",
+                        "bf16_is_native", "main"],
+    (ddpm, ddim): ["diffusion_loss", "train_step", "train", "sample_in_batches"],
+    (ddim, cfg): ["step_grid", "checked_sample_steps"],
+}
+
+
+@pytest.mark.parametrize("modules,name", [(m, n) for m, names in SHARED.items() for n in names],
+                         ids=lambda v: v if isinstance(v, str) else "+".join(m.__name__ for m in v))
+def test_shared_code_is_the_same_text_in_each_script(modules, name):
+    first, *others = modules
+    for other in others:
+        assert inspect.getsource(getattr(other, name)) == inspect.getsource(getattr(first, name)), (
+            f"{name} differs between {first.__name__}.py and {other.__name__}.py")
+
+
+# ============================================================================= fidelity to the papers' code
+
+def test_timestep_embedding_is_the_official_formula():
+    """diffusion_tf: frequencies 10000^(−i/(half−1)), i = 0..half−1; sin first, then cos."""
+    t = torch.tensor([0, 1, 17, 999])
+    emb = timestep_embedding(t, 128).double()
+    half = 64
+    for row, t_value in enumerate(t.tolist()):
+        for i in (0, 1, 31, 63):
+            angle = t_value * 10000 ** (-i / (half - 1))
+            assert emb[row, i].item() == pytest.approx(math.sin(angle), abs=2e-4)
+            assert emb[row, half + i].item() == pytest.approx(math.cos(angle), abs=2e-4)
+
+
+def test_init_is_the_official_variance_scaling():
+    """Uniform with limit √(3·scale/fan_avg), so std √(scale/fan_avg); scale 1e-10 at the branch ends."""
+    torch.manual_seed(0)
+    model = UNet(3, 32, **PRESETS["ddpm_cifar10"])
+    conv = model.down[0][0].conv1                  # 128 → 128, 3×3: fan_in = fan_out = 1152
+    std = math.sqrt(1 / 1152)
+    assert conv.weight.std().item() == pytest.approx(std, rel=0.02)
+    assert conv.weight.abs().max().item() <= math.sqrt(3) * std
+    assert torch.all(conv.bias == 0)
+    dense = model.time_mlp[0]                       # 128 → 512: fan_avg = 320
+    assert dense.weight.std().item() == pytest.approx(math.sqrt(1 / 320), rel=0.02)
+    for near_zero in (model.down[0][0].conv2, model.mid[1].proj, model.conv_out):
+        assert 0 < near_zero.weight.abs().max().item() < 1e-4
+
+
+def test_cifar_preset_places_attention_like_the_paper_and_small_keeps_its_own():
+    def attention_blocks(model):
+        return sum(isinstance(m, unet.Attention) for m in model.modules())
+    # CIFAR-10: 2 down blocks + 3 up blocks at 16×16, and the middle.
+    assert attention_blocks(UNet(3, 32, **PRESETS["ddpm_cifar10"])) == 6
+    for size in (28, 32, 64):  # small: 1 down + 2 up blocks at level 2, and the middle, at any size
+        assert attention_blocks(UNet(1, size, **PRESETS["small"])) == 4
+
+
+def test_official_ddim_grids_pinned():
+    assert ddim.step_grid(1000, 10, "official-uniform") == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert ddim.step_grid(1000, 10, "official-quad") == [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]
+
+
+@pytest.mark.parametrize("steps", [10, 50, 100])
+def test_official_ddim_grids_are_the_ddim_codes_formulas(steps):
+    T = 1000
+    assert ddim.step_grid(T, steps, "official-uniform") == list(range(0, T, T // steps))[::-1]
+    quad = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(int).tolist()
+    assert ddim.step_grid(T, steps, "official-quad") == quad[::-1]
+
+
+# ============================================================================= faults: nothing lost
+
+def ddpm_args(tiny_data: Path, out: Path, *extra: str):
+    """Arguments for ddpm.train in this process (main() would also settle --amp)."""
+    return ddpm.parse_args([*FAST, "--data-dir", str(tiny_data), "--out", str(out), "--no-amp", *extra])
+
+
+def test_a_fresh_run_never_overwrites_a_run(ddpm_ckpt, tiny_data, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(ddpm_ckpt.read_bytes())
+    r = run_script("ddpm.py", *FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path), "--max-steps", "2")
+    assert r.returncode != 0 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert (tmp_path / "ckpt.pt").read_bytes() == ddpm_ckpt.read_bytes()
+    r = run_script("ddpm.py", *FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path), "--max-steps", "2",
+                   "--overwrite", "--n-samples", "1")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.skipif(ddpm.fcntl is None, reason="file locks are POSIX")
+def test_one_run_per_folder_and_a_dead_runs_lock_is_free(tiny_data, tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path / "lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(SystemExit, match="another run is training"):
+        ddpm.train(ddpm_args(tiny_data, tmp_path, "--max-steps", "1"), torch.device("cpu"), 0, 1)
+    holder.kill()  # kill -9: the OS drops its lock
+    holder.wait()
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill during a save leaves it
+    ddpm.train(ddpm_args(tiny_data, tmp_path, "--max-steps", "1", "--n-samples", "1"), torch.device("cpu"), 0, 1)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_a_non_finite_step_changes_nothing():
+    sched = ddpm.Schedule(20)
+    model = UNet(1, 8, channels=8, channel_mult=(1, 2), attn_levels=(), num_res_blocks=1)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x0 = torch.randn(4, 1, 8, 8)
+    assert ddpm.train_step(model, ema, optimizer, sched, x0, 0, 1e-3, amp=False)[2]
+    before = [copy.deepcopy(m.state_dict()) for m in (model, ema)] + [copy.deepcopy(optimizer.state_dict())]
+    x0[0, 0, 0, 0] = float("nan")
+    losses, _, applied = ddpm.train_step(model, ema, optimizer, sched, x0, 1, 1e-3, amp=False)
+    assert not applied and torch.isnan(losses).any()
+    after = [model.state_dict(), ema.state_dict(), optimizer.state_dict()]
+    for a, b in zip(before[:2], after[:2]):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    assert torch.equal(before[2]["state"][0]["exp_avg"], after[2]["state"][0]["exp_avg"])
+
+
+def test_a_diverging_run_stops_with_its_last_good_checkpoint(ddpm_ckpt, tiny_data, tmp_path, monkeypatch):
+    (tmp_path / "ckpt.pt").write_bytes(ddpm_ckpt.read_bytes())
+    good = torch.load(ddpm_ckpt, weights_only=True)
+
+    def diverged(model, sched, x0):
+        losses, t = real_loss(model, sched, x0)
+        return losses * float("nan"), t
+    real_loss = ddpm.diffusion_loss
+    monkeypatch.setattr(ddpm, "diffusion_loss", diverged)
+    with pytest.raises(SystemExit, match=f"NaN or inf for {ddpm.MAX_BAD_STEPS} steps in a row"):
+        ddpm.train(ddpm_args(tiny_data, tmp_path, "--resume", "--max-steps", "100"), torch.device("cpu"), 0, 1)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # saved at epoch ends: same weights
+    for key in ("model", "ema"):
+        for name, value in good[key].items():
+            assert torch.equal(saved[key][name], value), name
+    last_row = (tmp_path / "log.csv").read_text().splitlines()[-1].split(",")
+    assert int(last_row[6]) == int(last_row[0]) - good["step"]  # every step since the resume: skipped
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    state = dict(model={"w": torch.ones(3)}, ema={"w": torch.ones(3)}, step=1)
+    ddpm.save_checkpoint(path, state)
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match="No space left on device.*intact"):
+        ddpm.save_checkpoint(path, {**state, "step": 2})
+    assert path.read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="NaN or inf"):  # never a checkpoint training cannot go on from
+        ddpm.save_checkpoint(path, {**state, "ema": {"w": torch.tensor([1.0, float("nan"), 1.0])}})
+    assert path.read_bytes() == before
+
+
+def test_kill_9_at_random_moments_loses_no_completed_work(tiny_data, tmp_path):
+    """Kill a real training run at random moments (some fall inside a save: with 64 images and batch 8
+    it saves every 8 steps), resume each time; the run ends where an uninterrupted one does."""
+    common = [*FAST, "--data-dir", str(tiny_data), "--max-steps", "48", "--n-samples", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out, rng, steps_seen = tmp_path / "killed", random.Random(0), []
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "ddpm.py", *common, "--out", str(out), "--auto-resume"],
+                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 6.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if (out / "ckpt.pt").exists():
+            steps_seen.append(torch.load(out / "ckpt.pt", weights_only=True)["step"])  # loads: whole
+    assert steps_seen == sorted(steps_seen)  # never went back
+    r = run_script("ddpm.py", *common, "--out", str(out), "--auto-resume")
+    assert r.returncode == 0, r.stderr
+    r = run_script("ddpm.py", *common, "--out", str(tmp_path / "straight"))
+    assert r.returncode == 0, r.stderr
+    resumed, straight = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path / "straight"))
+    assert resumed["step"] == 48
+    for name, value in straight["ema"].items():
+        torch.testing.assert_close(resumed["ema"][name], value, msg=name)
+    steps = [int(row.split(",")[0]) for row in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 48  # one row per interval, no repeats
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
+def test_torchrun_restarts_a_dead_worker_and_the_run_resumes(tiny_data, tmp_path):
+    out = tmp_path / "elastic"
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                "--max-restarts=3", "--master_port=29518", "ddpm.py", *FAST,
+                                "--data-dir", str(tiny_data), "--out", str(out),
+                                "--n-samples", "1", "--auto-resume"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and is_child_of(int(pid), process.pid)]
+    assert workers, "no torchrun worker found"
+    os.kill(workers[-1], signal.SIGKILL)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+    assert "resuming at step" in output
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 48  # 6 epochs of 8 steps
+
+
+def is_child_of(pid: int, parent: int) -> bool:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == parent
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+# ============================================================================= the training record
+
+def test_log_survives_resume_and_export_makes_a_sampling_only_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = [*FAST, "--data-dir", str(tiny_data), "--out", str(out), "--n-samples", "1"]
+    assert run_script("ddpm.py", *args, "--max-steps", "12").returncode == 0
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped",
+                                  "loss_t0-4", "loss_t5-9", "loss_t10-14", "loss_t15-19"]
+    with open(out / "log.csv", "a") as f:  # a row written after the last checkpoint, then killed
+        f.write("13,1.6,1,1,1,1,0,1,1,1,1\n")
+    r = run_script("ddpm.py", *args, "--max-steps", "20", "--resume")
+    assert r.returncode == 0, r.stderr
+    steps = [int(row.split(",")[0]) for row in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [10, 12, 20]
+    for row in (out / "log.csv").read_text().splitlines()[1:]:  # loss, lr, img/s, time, bands; skipped
+        values = [float(v) for v in row.split(",")]
+        assert all(v > 0 for v in values[2:6] + values[7:]) and values[6] == 0
+
+    small = tmp_path / "small.pt"
+    r = run_script("ddpm.py", "--out", str(out), "--export", str(small))
+    assert r.returncode == 0, r.stderr
+    exported = torch.load(small, weights_only=True)
+    assert "optimizer" not in exported and "model" not in exported and exported["step"] == 20
+    r = run_script("ddim.py", "--sample-only", "--device", "cpu", "--ckpt", str(small), "--out", str(tmp_path),
+                   "--n-samples", "2")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "ckpt.pt").write_bytes(small.read_bytes())
+    r = run_script("ddpm.py", *FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path / "again"), "--resume")
+    assert r.returncode != 0 and "no optimizer state" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_loss_plot_or_a_line_that_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    csv = tmp_path / "log.csv"
+    csv.write_text("step,epoch,loss,lr,images_per_s,elapsed_s,skipped,loss_t0-499,loss_t500-999\n"
+                   "10,0.1,0.5,1e-3,100,1,0,0.9,0.1\n20,0.2,0.4,1e-3,100,2,0,0.7,0.1\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    ddpm.plot_log(csv, tmp_path / "loss.png")
+    assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "loss.png").exists()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    ddpm.plot_log(csv, tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size[0] > 300
