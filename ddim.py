@@ -17,6 +17,7 @@ Equation numbers in the sampler are the DDIM paper's; the training code is ddpm.
 the DDPM paper's. Code timesteps t = 0..T-1 are the paper's t = 1..T.
 """
 import argparse
+import contextlib
 import copy
 import gzip
 import math
@@ -33,21 +34,27 @@ except ImportError:  # Windows
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import datasets
-from torchvision.transforms.functional import to_pil_image
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from unet import PRESETS, UNet
 
 # Training defaults per dataset (flags override): a CPU-friendly network for 28×28 images,
-# and the paper's CIFAR-10 setup (lr 2e-4, 5000 warmup steps, 800k steps at batch 128).
+# the paper's CIFAR-10 setup (lr 2e-4, 5000 warmup steps, 800k steps at batch 128), and for a
+# folder of your own images the small network for as many epochs as show it about 360,000 images
+# (6 epochs of Fashion-MNIST; epochs=None). Flips: on where a mirrored image is as real as the
+# original (CIFAR-10's photos; a folder, unless --no-flip), off for digits and clothes.
 DATASET_DEFAULTS = {
-    "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200),
-    "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200),
-    "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000),
+    "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
+    "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
+    "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000, flip=True),
+    "folder": dict(preset="small", epochs=None, lr=1e-3, warmup=200, flip=True),
 }
+IMAGES_PER_FOLDER_RUN = 360_000
 EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
 LOSS_BANDS = 4      # the log shows the loss in 4 bands of t: where is the network still bad?
@@ -217,10 +224,16 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def load_dataset(name: str, data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training split as uint8 images (N, C, H, W) and int64 labels, kept whole in memory."""
+def load_dataset(name: str, data_dir: str, image_size: int | None = None,
+                 size_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The training images as uint8 (N, C, H, W), kept whole in memory, their int64 labels and the
+    class names: a torchvision dataset by name, or every image under a folder (load_folder).
+    image_size: resize to it (default: the data's own size)."""
+    if name not in DATASETS:
+        return load_folder(Path(name), image_size, size_multiple)
     dataset_class = DATASETS[name]
     raw = Path(data_dir) / dataset_class.__name__ / "raw"
     if name == "fashion" and not (raw / "train-images-idx3-ubyte").exists() and DEBIAN_FASHION.is_dir():
@@ -241,11 +254,81 @@ def load_dataset(name: str, data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"present. Or point --data-dir at a folder that already holds the dataset.") from None
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
-    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
+    if image_size and image_size != images.shape[-1]:
+        images = F.interpolate(images.float(), size=image_size, mode="bilinear", antialias=True)
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
+
+
+def load_folder(root: Path, image_size: int | None, size_multiple: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every image file under root (recursively), centre-cropped to a square and resized to
+    image_size; by default the smallest short side of the files (their own size when they all
+    agree), rounded down to a multiple of size_multiple so that the U-Net can halve it.
+    Colour if any file has colour, else grayscale; transparent pixels become white. Labels: the
+    first-level subfolder, as in torchvision's ImageFolder (-1 for files directly in root).
+    Unreadable files are skipped and counted."""
+    if not root.is_dir():
+        raise SystemExit(f"error: --dataset {root}: neither {', '.join(DATASETS)} nor a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise SystemExit(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    class_names = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    if image_size is None:
+        short_sides = []
+        for path in files:  # reads the headers only
+            try:
+                with Image.open(path) as picture:
+                    short_sides.append(min(picture.size))
+            except (OSError, ValueError):
+                pass
+        image_size = min(short_sides, default=0) // size_multiple * size_multiple
+        if image_size == 0:
+            raise SystemExit(f"error: none of the {len(files)} image files under {root} could be read")
+    nbytes, free = len(files) * 3 * image_size**2, free_memory()
+    if nbytes > free / 2:
+        raise SystemExit(f"error: {len(files)} images of {image_size}×{image_size} need {nbytes / 2**30:.1f} GiB "
+                         f"in memory, more than half of the {free / 2**30:.1f} GiB free: use a smaller "
+                         f"--image-size, or fewer images")
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    labels, kept = [], 0
+    for path in tqdm(files, desc=f"loading {root}", dynamic_ncols=True, leave=False):
+        try:
+            with Image.open(path) as picture:
+                picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
+                picture = ImageOps.fit(picture.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        images[kept] = pil_to_tensor(picture)
+        parts = path.relative_to(root).parts
+        labels.append(class_names.index(parts[0]) if len(parts) > 1 else -1)
+        kept += 1
+    if kept == 0:
+        raise SystemExit(f"error: none of the {len(files)} image files under {root} could be read")
+    if kept < len(files):
+        print(f"skipped {len(files) - kept} unreadable file(s) of {len(files)} under {root}")
+    images = images[:kept]
+    if torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]):
+        images = images[:, :1]  # no pixel has colour: grayscale
+    return images.contiguous(), torch.tensor(labels, dtype=torch.long), class_names
+
+
+def free_memory() -> float:
+    """Bytes of RAM free now (Linux; elsewhere: no limit known)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+def check_fits(images: torch.Tensor, device: torch.device) -> None:
+    """The data stays on the device: stop with its size rather than run out of memory later."""
+    if device.type == "cuda" and images.nbytes > torch.cuda.mem_get_info(device)[0] / 2:
+        raise SystemExit(f"error: the images need {images.nbytes / 2**30:.1f} GiB, more than half of the "
+                         f"free memory of {device}: use a smaller --image-size, or fewer images")
 
 
 def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1]; random horizontal flips when asked (CIFAR-10)."""
+    """uint8 [0, 255] → float [−1, 1]; random horizontal flips when asked (--flip)."""
     x = images.float() / 127.5 - 1
     if flip:
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
@@ -291,14 +374,14 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     to --out: checkpoints, log.csv, loss.png, sample grids. Ctrl-C or SIGTERM saves and stops."""
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
-    if rank == 0:
-        lock = lock_out_dir(out)  # held until this process ends
     ckpt = checkpoint_to_resume(ckpt_path, args)
     if rank != 0:
         dist.barrier()  # let rank 0 download the data first
-    images, labels = load_dataset(args.dataset, args.data_dir)
+    levels = len(PRESETS[args.preset]["channel_mult"])
+    images, labels, class_names = load_dataset(args.dataset, args.data_dir, args.image_size, 2 ** (levels - 1))
     if world_size > 1 and rank == 0:
         dist.barrier()
+    check_fits(images, device)
     images = images.to(device)
     config = dict(unet=dict(image_channels=images.shape[1], image_size=images.shape[2],
                             **PRESETS[args.preset]),
@@ -323,7 +406,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     steps_per_epoch = len(images) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the dataset ({len(images)} images)")
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))
+    total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
     sample_generator = torch.Generator(device)  # fixed noise: grids are comparable across epochs
 
     def save() -> None:
@@ -352,7 +436,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             order_epoch = epoch
         batch_index = order[index_in_epoch * args.batch_size:][:args.batch_size]
         local_index = batch_index[rank * local_batch:(rank + 1) * local_batch].to(device)
-        x0 = to_model_range(images[local_index], flip=args.dataset == "cifar10")
+        x0 = to_model_range(images[local_index], flip=args.flip)
 
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
         losses, t, applied = train_step(train_model, ema, optimizer, sched, x0, step, lr, args.amp)
@@ -420,9 +504,10 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
 # ----------------------------------------------------------------------------- training plumbing
 
 def lock_out_dir(out: Path):
-    """One training run per --out: hold an exclusive lock on <out>/lock while this process lives.
-    The OS releases it when the process dies, even by kill -9, so a dead run never blocks the next.
-    (fcntl is POSIX; on Windows there is no lock.) Also removes a half-written ckpt.pt.tmp."""
+    """One training run per --out: an exclusive lock on <out>/lock, held until the returned file
+    is closed. The OS releases it when the process dies, even by kill -9, so a dead run never
+    blocks the next. (fcntl is POSIX; on Windows there is no lock.) Also removes the ckpt.pt.tmp
+    that a kill during a save leaves: ckpt.pt itself is always whole."""
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / "lock", "w")
     if fcntl is not None:
@@ -431,7 +516,7 @@ def lock_out_dir(out: Path):
         except BlockingIOError:
             raise SystemExit(f"error: another run is training in {out} right now (it holds {out / 'lock'}); "
                              f"wait for it to end, or choose another --out") from None
-    (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # left by a kill during a save; ckpt.pt is whole
+    (out / "ckpt.pt.tmp").unlink(missing_ok=True)
     return handle
 
 
@@ -681,7 +766,7 @@ def save_consistency(ema: UNet, sched: Schedule, args, out: Path, n: int = 8) ->
 
 def save_inversion(ema: UNet, sched: Schedule, args, dataset: str, out: Path, n: int = 8) -> None:
     """n training images → x_T (invert) → images (η = 0): rows of originals, latents, reconstructions."""
-    images, _ = load_dataset(dataset, args.data_dir)
+    images, _, _ = load_dataset(dataset, args.data_dir, ema.image_size)
     x0 = to_model_range(images[:n].to(sched.betas.device), flip=False)
     latents = invert(ema, sched, x0, args.sample_steps, args.skip)
     recon = sample(ema, sched, x0.shape, args.sample_steps, skip=args.skip, x_T=latents)
@@ -738,10 +823,15 @@ def bf16_is_native(device: torch.device) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default="mnist")
+    p.add_argument("--dataset", default="mnist",
+                   help="mnist, fashion, cifar10, or a folder of images (png, jpg, webp, bmp; searched recursively)")
     p.add_argument("--data-dir", default="./data", help="torchvision layout; downloads go here")
+    p.add_argument("--image-size", type=int,
+                   help="resize (and centre-crop to a square) to this size; default: the data's own")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flips; default: on for cifar10 and folders, off for mnist, fashion")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--epochs", type=int, help="default: 6 for 28×28 data, 2000 for cifar10")
+    p.add_argument("--epochs", type=int, help="default: 6 for mnist/fashion, 2000 for cifar10, ~360k images for a folder")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="global, split over DDP processes")
     p.add_argument("--lr", type=float, help="peak learning rate; default 1e-3 (28×28), 2e-4 (cifar10)")
@@ -778,12 +868,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bfloat16 autocast; default: on where bf16 is native (recent GPUs, AVX-512 BF16 CPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
-    for key, value in DATASET_DEFAULTS[args.dataset].items():
+    for key, value in DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["folder"]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = args.out or "runs/ddim"
     args.sample_only = args.sample_only or args.invert or args.interpolate or args.consistency
-    for name in ("epochs", "batch_size", "n_samples", "timesteps", "warmup", "max_steps", "sample_steps"):
+    for name in ("epochs", "batch_size", "n_samples", "timesteps", "warmup", "max_steps", "image_size", "sample_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0:
@@ -820,7 +910,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.sample_only:
         sample_only(args, device)
     else:
-        train(args, device, rank, world_size)
+        with lock_out_dir(Path(args.out)) if rank == 0 else contextlib.nullcontext():
+            train(args, device, rank, world_size)
     if world_size > 1:
         dist.destroy_process_group()
 

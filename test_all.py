@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import torchvision
+from PIL import Image, ImageDraw
 
 import cfg
 import ddim
@@ -201,7 +202,7 @@ def test_short_training_lowers_the_loss():
 
 
 def test_data_is_loaded_through_torchvision_and_scaled_to_minus_one_one(tiny_data):
-    images, labels = ddpm.load_dataset("mnist", str(tiny_data))
+    images, labels, class_names = ddpm.load_dataset("mnist", str(tiny_data))
     assert images.shape == (64, 1, 28, 28) and images.dtype == torch.uint8 and labels.shape == (64,)
     x = ddpm.to_model_range(images, flip=False)
     assert x.min().item() == -1.0 and x.max().item() == 1.0
@@ -732,7 +733,8 @@ def test_p_uncond_must_be_a_probability(p_uncond, capsys):
 # The scaffolding is repeated on purpose, so that `diff ddpm.py ddim.py` shows only what DDIM changes
 # and `diff ddim.py cfg.py` only guidance. This keeps it so: it names the function that drifted.
 SHARED = {
-    (ddpm, ddim, cfg): ["Schedule", "expand", "q_sample", "load_dataset", "to_model_range", "update_ema",
+    (ddpm, ddim, cfg): ["Schedule", "expand", "q_sample", "load_dataset", "load_folder", "free_memory",
+                        "check_fits", "to_model_range", "update_ema",
                         "lock_out_dir", "checkpoint_to_resume", "restore", "rng_state",
                         "catch_stop_signals", "stop_requested", "open_log", "plot_log", "save_checkpoint",
                         "load_checkpoint", "load_ema", "export", "save_gif", "pick_device",
@@ -804,9 +806,9 @@ def test_official_ddim_grids_are_the_ddim_codes_formulas(steps):
 
 # ============================================================================= faults: nothing lost
 
-def ddpm_args(tiny_data: Path, out: Path, *extra: str):
-    """Arguments for ddpm.train in this process (main() would also settle --amp)."""
-    return ddpm.parse_args([*FAST, "--data-dir", str(tiny_data), "--out", str(out), "--no-amp", *extra])
+def ddpm_main(tiny_data: Path, out: Path, *extra: str) -> None:
+    """ddpm.py's main() in this process: faster than a subprocess, and monkeypatch reaches it."""
+    ddpm.main([*FAST, "--data-dir", str(tiny_data), "--out", str(out), "--no-amp", *extra])
 
 
 def test_a_fresh_run_never_overwrites_a_run(ddpm_ckpt, tiny_data, tmp_path):
@@ -827,11 +829,11 @@ def test_one_run_per_folder_and_a_dead_runs_lock_is_free(tiny_data, tmp_path):
                                str(tmp_path / "lock")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(SystemExit, match="another run is training"):
-        ddpm.train(ddpm_args(tiny_data, tmp_path, "--max-steps", "1"), torch.device("cpu"), 0, 1)
+        ddpm_main(tiny_data, tmp_path, "--max-steps", "1")
     holder.kill()  # kill -9: the OS drops its lock
     holder.wait()
     (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill during a save leaves it
-    ddpm.train(ddpm_args(tiny_data, tmp_path, "--max-steps", "1", "--n-samples", "1"), torch.device("cpu"), 0, 1)
+    ddpm_main(tiny_data, tmp_path, "--max-steps", "1", "--n-samples", "1")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
     assert not (tmp_path / "ckpt.pt.tmp").exists()
 
@@ -864,7 +866,7 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint(ddpm_ckpt, tiny_dat
     real_loss = ddpm.diffusion_loss
     monkeypatch.setattr(ddpm, "diffusion_loss", diverged)
     with pytest.raises(SystemExit, match=f"NaN or inf for {ddpm.MAX_BAD_STEPS} steps in a row"):
-        ddpm.train(ddpm_args(tiny_data, tmp_path, "--resume", "--max-steps", "100"), torch.device("cpu"), 0, 1)
+        ddpm_main(tiny_data, tmp_path, "--resume", "--max-steps", "100")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # saved at epoch ends: same weights
     for key in ("model", "ema"):
         for name, value in good[key].items():
@@ -990,3 +992,127 @@ def test_loss_plot_or_a_line_that_says_how_to_get_it(tmp_path, monkeypatch, caps
     pytest.importorskip("matplotlib")
     ddpm.plot_log(csv, tmp_path / "loss.png")
     assert Image.open(tmp_path / "loss.png").size[0] > 300
+
+
+# ============================================================================= your own images, in colour
+
+def write_cifar10_pickles(root: Path, per_batch: int = 4) -> list[tuple[int, tuple[int, int, int]]]:
+    """A tiny CIFAR-10 in its real format (cifar-10-batches-py: pickled dicts, rows of 3072 bytes,
+    all red then all green then all blue). Image i is black with one pixel at (0, 1) of a colour
+    that tells its channel; returns (label, colour) per training image, in file order."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    expected, index = [], 0
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = np.zeros((per_batch, 3, 32, 32), dtype=np.uint8)
+        labels = []
+        for i in range(per_batch):
+            label, colour = index % 10, colours[index % 3]
+            data[i, :, 0, 1] = colour
+            labels.append(label)
+            if name != "test_batch":
+                expected.append((label, colour))
+            index += 1
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data.reshape(per_batch, 3072), "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return expected
+
+
+@pytest.fixture
+def tiny_cifar10(tmp_path, monkeypatch):
+    """A tiny CIFAR-10 that torchvision's own CIFAR10 class reads; only its md5 check is bypassed."""
+    expected = write_cifar10_pickles(tmp_path / "data")
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+    return tmp_path / "data", expected
+
+
+def test_cifar10_pickles_load_as_rgb_in_the_right_channel_order(tiny_cifar10):
+    data_dir, expected = tiny_cifar10
+    images, labels, class_names = ddpm.load_dataset("cifar10", str(data_dir))
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8 and class_names[3] == "class3"
+    assert labels.tolist() == [label for label, _ in expected]
+    for image, (_, colour) in zip(images, expected):
+        assert tuple(image[:, 0, 1].tolist()) == colour and image.sum() == sum(colour)
+
+
+def test_the_papers_cifar10_network_trains_resumes_and_samples_rgb(tiny_cifar10, tmp_path):
+    """The real ddpm_cifar10 preset (35.7M parameters) on 32×32 RGB: train, resume, sample, PNGs."""
+    data_dir, _ = tiny_cifar10
+    out = tmp_path / "run"
+    common = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--device", "cpu", "--batch-size", "2",
+              "--timesteps", "4", "--n-samples", "2", "--out", str(out), "--no-amp"]
+    ddpm.main([*common, "--max-steps", "1"])
+    ddpm.main([*common, "--max-steps", "2", "--resume"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["unet"]["channels"] == 128
+    assert ckpt["config"]["unet"]["image_channels"] == 3 and ckpt["args"]["flip"] is True
+    assert Image.open(out / "samples.png").mode == "RGB"
+    ddpm.main([*common, "--sample-only", "--save-pngs", str(tmp_path / "pngs")])
+    pngs = sorted((tmp_path / "pngs").glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32) and Image.open(pngs[0]).mode == "RGB"
+
+
+def write_image_folder(root: Path, colour: bool, classes: tuple[str, ...] = ("circles", "squares"),
+                       n: int = 8, size: tuple[int, int] = (40, 36)) -> Path:
+    """n images per class subfolder (non-square, so they must be cropped), shapes on white."""
+    rng = random.Random(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            picture = Image.new("RGB", size, "white")
+            fill = (rng.randrange(256), rng.randrange(256), 0) if colour else (90, 90, 90)
+            x = rng.randrange(15)
+            box = [x, 8, x + 16, 24]
+            (ImageDraw.Draw(picture).ellipse if name == "circles" else ImageDraw.Draw(picture).rectangle)(box, fill=fill)
+            picture.save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def test_a_folder_of_images_is_cropped_resized_and_its_colour_detected(tmp_path, capsys):
+    colour = write_image_folder(tmp_path / "colour", colour=True)
+    (colour / "circles" / "broken.png").write_bytes(b"not a picture")
+    (colour / "notes.txt").write_text("not an image: ignored")
+    images, labels, class_names = ddpm.load_dataset(str(colour), "unused", size_multiple=8)
+    assert images.shape == (16, 3, 32, 32) and class_names == ["circles", "squares"]  # 36 → 32
+    assert labels.tolist() == [0] * 8 + [1] * 8
+    assert "skipped 1 unreadable file(s) of 17" in capsys.readouterr().out
+    gray = write_image_folder(tmp_path / "gray", colour=False)
+    images, _, _ = ddpm.load_dataset(str(gray), "unused", image_size=16)
+    assert images.shape == (16, 1, 16, 16)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "too-big"])
+def test_a_bad_folder_is_one_clear_error(case, tmp_path, monkeypatch):
+    folder = tmp_path / "images"
+    if case != "missing":
+        folder.mkdir()
+    if case == "too-big":
+        write_image_folder(folder, colour=True)
+        monkeypatch.setattr(ddpm, "free_memory", lambda: 10_000)
+    with pytest.raises(SystemExit, match="^error: .*" + {"missing": "neither", "empty": "no image files",
+                                                         "too-big": "need .* GiB"}[case]):
+        ddpm.load_dataset(str(folder), "unused")
+
+
+def test_cfg_trains_on_an_rgb_class_folder_and_samples_a_class_by_name(tmp_path):
+    folder = write_image_folder(tmp_path / "shapes", colour=True)
+    out = tmp_path / "run"
+    r = run_script("cfg.py", "--dataset", str(folder), "--device", "cpu", "--batch-size", "8", "--timesteps", "4",
+                   "--max-steps", "2", "--n-samples", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["classes"] == ["circles", "squares"] and ckpt["config"]["unet"]["image_channels"] == 3
+    assert "columns: 0 circles, 1 squares" in r.stdout
+    r = run_script("cfg.py", "--sample-only", "--device", "cpu", "--out", str(out), "--class", "squares",
+                   "--n-samples", "2", "--save-pngs", str(tmp_path / "pngs"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "pngs").glob("*.png")) == ["class1_000000.png", "class1_000001.png"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in (folder / "circles").glob("*"):
+        p.rename(flat / p.name)
+    r = run_script("cfg.py", "--dataset", str(flat), "--device", "cpu", "--out", str(tmp_path / "x"))
+    assert r.returncode != 0 and "one subfolder per class" in r.stderr and "Traceback" not in r.stderr
