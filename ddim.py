@@ -416,7 +416,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                                             optimizer=optimizer.state_dict(), config=config,
                                             args=vars(args), rng=rng_state(device), **run))
 
-    stop_signals = catch_stop_signals()
+    stop_signals = catch_stop_signals(world_size)
     if rank == 0:
         log = open_log(out / "log.csv", run["step"], args.timesteps)
         n_params = sum(p.numel() for p in model.parameters())
@@ -557,15 +557,18 @@ def rng_state(device: torch.device) -> dict:
     return rng
 
 
-def catch_stop_signals() -> list:
-    """Ctrl-C or SIGTERM: note it (the loop then saves and exits); a second one stops at once."""
+def catch_stop_signals(world_size: int) -> list:
+    """Ctrl-C (or SIGTERM, in one process): note it, and the loop saves and exits; a second one
+    stops at once. Under torchrun a SIGTERM comes from its agent tearing the group down, often
+    because a worker died: waiting for a dead peer would hang, so it stops at once, and
+    --auto-resume continues from the last checkpoint when torchrun restarts the workers."""
     stop_signals = []
 
     def request_stop(signum, _frame):
         stop_signals.append(signum)
         signal.signal(signum, signal.SIG_DFL)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM) if world_size == 1 else (signal.SIGINT,):
         signal.signal(signum, request_stop)
     return stop_signals
 
