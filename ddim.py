@@ -58,7 +58,8 @@ IMAGES_PER_FOLDER_RUN = 360_000
 EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
 LOSS_BANDS = 4      # the log shows the loss in 4 bands of t: where is the network still bad?
-CKPT_EVERY = 500    # steps between checkpoints, besides one per epoch, at the end and on Ctrl-C
+CKPT_EVERY = 500    # steps between checkpoints, besides one per epoch, at the end and on Ctrl-C;
+                    # a sample grid after each epoch, or after every k-th if k epochs fit in 500 steps
 MAX_BAD_STEPS = 20  # stop after this many steps in a row with a NaN/inf gradient (all skipped)
 
 
@@ -409,6 +410,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))
     total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
     sample_generator = torch.Generator(device)  # fixed noise: grids are comparable across epochs
+    grid_every = max(1, CKPT_EVERY // steps_per_epoch)  # in epochs: short epochs get fewer grids
 
     def save() -> None:
         if rank == 0:
@@ -482,6 +484,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             save()
         if step % steps_per_epoch == 0 and step < total_steps:
             save()
+        if step % (steps_per_epoch * grid_every) == 0 and step < total_steps:
             sampling_start = time.perf_counter()
             if rank == 0:
                 grid = sample_in_batches(ema, sched, 16, args, sample_generator.manual_seed(args.seed))

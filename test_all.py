@@ -1116,3 +1116,26 @@ def test_cfg_trains_on_an_rgb_class_folder_and_samples_a_class_by_name(tmp_path)
         p.rename(flat / p.name)
     r = run_script("cfg.py", "--dataset", str(flat), "--device", "cpu", "--out", str(tmp_path / "x"))
     assert r.returncode != 0 and "one subfolder per class" in r.stderr and "Traceback" not in r.stderr
+
+
+# ============================================================================= shipped checkpoints
+
+def looks_like_fashion_mnist(x: torch.Tensor) -> bool:
+    """Garments on a black background: at least a third of the pixels are background (real
+    Fashion-MNIST: half), and neighbouring pixels agree (correlation of horizontal neighbours above
+    0.8; real images 0.9, noise 0)."""
+    background = (x < -0.9).float().mean().item()
+    left, right = x[..., :-1].flatten(), x[..., 1:].flatten()
+    neighbours = torch.corrcoef(torch.stack([left, right]))[0, 1].item()
+    return background > 1 / 3 and neighbours > 0.8
+
+
+@pytest.mark.parametrize("name", ["ddpm_fashion.pt", "cfg_fashion.pt"])
+def test_shipped_checkpoints_sample_garments_and_an_untrained_network_does_not(name):
+    ema, ckpt = ddpm.load_ema(ROOT / "pretrained" / name, torch.device("cpu"))
+    assert "optimizer" not in ckpt and "model" not in ckpt  # sampling-only, a few MB
+    sched = ddpm.Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"])
+    untrained = UNet(**ckpt["config"]["unet"]).eval()
+    for model, expected in ((ema, True), (untrained, False)):
+        x = ddim.sample(model, sched, (16, 1, 28, 28), 20, eta=1.0, generator=torch.Generator().manual_seed(0))
+        assert looks_like_fashion_mnist(x) == expected
