@@ -1139,3 +1139,13 @@ def test_shipped_checkpoints_sample_garments_and_an_untrained_network_does_not(n
     for model, expected in ((ema, True), (untrained, False)):
         x = ddim.sample(model, sched, (16, 1, 28, 28), 20, eta=1.0, generator=torch.Generator().manual_seed(0))
         assert looks_like_fashion_mnist(x) == expected
+
+
+def test_quality_measures_frechet_distance_exactly():
+    """For diagonal covariances the Fréchet distance is Σ (μ1 − μ2)² + (√v1 − √v2)²."""
+    import quality
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    v1, v2 = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64), torch.tensor([4.0, 4.0, 1.0], dtype=torch.float64)
+    expected = ((mu1 - mu2) ** 2 + (v1.sqrt() - v2.sqrt()) ** 2).sum().item()  # 1 + 0 + 4 + 1 + 0 + 4
+    assert quality.frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2)) == pytest.approx(expected)
+    assert quality.frechet_distance(mu1, torch.diag(v1), mu1, torch.diag(v1)) == pytest.approx(0, abs=1e-9)
