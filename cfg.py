@@ -228,7 +228,10 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None,
                  size_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The training images as uint8 (N, C, H, W), kept whole in memory, their int64 labels and the
     class names: a torchvision dataset by name, or every image under a folder (load_folder).
-    image_size: resize to it (default: the data's own size)."""
+    image_size: resize to it (default: the data's own size), a multiple of size_multiple."""
+    if image_size and image_size % size_multiple:
+        raise SystemExit(f"error: --image-size {image_size}: the U-Net halves the image at each level, "
+                         f"so the size must be a multiple of {size_multiple}")
     if name not in DATASETS:
         return load_folder(Path(name), image_size, size_multiple)
     dataset_class = DATASETS[name]

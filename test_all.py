@@ -1080,17 +1080,17 @@ def test_a_folder_of_images_is_cropped_resized_and_its_colour_detected(tmp_path,
     assert images.shape == (16, 1, 16, 16)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "too-big"])
+@pytest.mark.parametrize("case", ["missing", "empty", "too-big", "odd-size"])
 def test_a_bad_folder_is_one_clear_error(case, tmp_path, monkeypatch):
     folder = tmp_path / "images"
     if case != "missing":
         folder.mkdir()
-    if case == "too-big":
+    if case in ("too-big", "odd-size"):
         write_image_folder(folder, colour=True)
-        monkeypatch.setattr(ddpm, "free_memory", lambda: 10_000)
+        monkeypatch.setattr(ddpm, "free_memory", lambda: 10_000 if case == "too-big" else math.inf)
     with pytest.raises(SystemExit, match="^error: .*" + {"missing": "neither", "empty": "no image files",
-                                                         "too-big": "need .* GiB"}[case]):
-        ddpm.load_dataset(str(folder), "unused")
+                                                         "too-big": "need .* GiB", "odd-size": "multiple of 4"}[case]):
+        ddpm.load_dataset(str(folder), "unused", image_size=30 if case == "odd-size" else None, size_multiple=4)
 
 
 def test_cfg_trains_on_an_rgb_class_folder_and_samples_a_class_by_name(tmp_path):
