@@ -923,18 +923,23 @@ def test_kill_9_at_random_moments_loses_no_completed_work(tiny_data, tmp_path):
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
 def test_torchrun_restarts_a_dead_worker_and_the_run_resumes(tiny_data, tmp_path):
     out = tmp_path / "elastic"
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                "--max-restarts=3", "--master_port=29518", "ddpm.py", *FAST,
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc_per_node=2", "--max-restarts=3", "ddpm.py", *FAST,
                                 "--data-dir", str(tiny_data), "--out", str(out),
                                 "--n-samples", "1", "--auto-resume"],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (out / "ckpt.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and is_child_of(int(pid), process.pid)]
-    assert workers, "no torchrun worker found"
-    os.kill(workers[-1], signal.SIGKILL)
-    output, _ = process.communicate(timeout=240)
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and is_child_of(int(pid), process.pid)]
+        assert workers, "no torchrun worker found"
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = process.communicate(timeout=240)
+    finally:  # never leave a torchrun behind, whatever failed: its workers first, then itself
+        for pid in [p for p in os.listdir("/proc") if p.isdigit() and is_child_of(int(p), process.pid)]:
+            os.kill(int(pid), signal.SIGKILL)
+        process.kill()
     assert process.returncode == 0, output[-3000:]
     assert "resuming at step" in output
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 48  # 6 epochs of 8 steps
