@@ -484,10 +484,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                 plot_log(out / "log.csv", out / "loss.png")
                 print(f"stopped at step {step}; saved {ckpt_path}; continue with --resume")
             return
-        if step % CKPT_EVERY == 0:
-            save()
-        if step % steps_per_epoch == 0 and step < total_steps:
-            save()
+        if step % CKPT_EVERY == 0 or (step % steps_per_epoch == 0 and step < total_steps):
+            save()  # once, also where an epoch ends on a multiple of CKPT_EVERY
         if step % (steps_per_epoch * grid_every) == 0 and step < total_steps:
             sampling_start = time.perf_counter()
             if rank == 0:
