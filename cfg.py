@@ -19,6 +19,7 @@ t = 0..T-1 are the paper's t = 1..T.
 import argparse
 import contextlib
 import copy
+import csv
 import gzip
 import math
 import os
@@ -43,11 +44,9 @@ from tqdm import tqdm
 
 from unet import PRESETS, UNet
 
-# Training defaults per dataset (flags override): a CPU-friendly network for 28×28 images,
-# the paper's CIFAR-10 setup (lr 2e-4, 5000 warmup steps, 800k steps at batch 128), and for a
-# folder of your own images the small network for as many epochs as show it about 360,000 images
-# (6 epochs of Fashion-MNIST; epochs=None). Flips: on where a mirrored image is as real as the
-# original (CIFAR-10's photos; a folder, unless --no-flip), off for digits and clothes.
+# Defaults per dataset (flags override): a CPU-friendly network for 28×28 images; the paper's CIFAR-10
+# setup (lr 2e-4, 5000 warmup steps, 800k steps of batch 128); a folder: ~360,000 images, as 6 epochs
+# of Fashion-MNIST. Flips where a mirrored image is as real as the original.
 DATASET_DEFAULTS = {
     "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
@@ -55,22 +54,18 @@ DATASET_DEFAULTS = {
     "folder": dict(preset="small", epochs=None, lr=1e-3, warmup=200, flip=True),
 }
 IMAGES_PER_FOLDER_RUN = 360_000
+FOLDER_SIZE = 64    # a folder's default --image-size is at most this: a laptop can train 64×64
 EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
-LOSS_BANDS = 4      # the log shows the loss in 4 bands of t: where is the network still bad?
-CKPT_EVERY = 500    # steps between checkpoints, besides one per epoch, at the end and on Ctrl-C;
-                    # a sample grid after each epoch, or after every k-th if k epochs fit in 500 steps
+CKPT_EVERY = 500    # steps between checkpoints (and one per epoch); a sample grid every epoch or so
 MAX_BAD_STEPS = 20  # stop after this many steps in a row with a NaN/inf gradient (all skipped)
 
 
 # ----------------------------------------------------------------------------- noise schedule
 
 class Schedule:
-    """β_t and the quantities derived from it, for t = 0..T-1.
-
-    Computed in float64, stored in float32. Plain tensors, not parameters or buffers of the
-    network, so the EMA never averages them.
-    """
+    """β_t and what derives from it, for t = 0..T-1: computed in float64, stored in float32. Plain
+    tensors, not parameters or buffers of the network, so the EMA never averages them."""
 
     def __init__(self, T: int = 1000, kind: str = "linear", device: torch.device | str = "cpu"):
         if kind == "linear":  # Sec. 4: β from 1e-4 to 0.02
@@ -103,15 +98,12 @@ def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Te
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
-def diffusion_loss(model, sched: Schedule, x0: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t, y)‖² with t uniform over all T steps (0..T-1).
-
-    Returns each sample's loss (their mean is L_simple) and its t, so the log can show the loss
-    by noise level."""
+def diffusion_loss(model, sched: Schedule, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t, y)‖² with t uniform over all T steps (0..T-1)."""
     t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
     eps_pred = model(q_sample(sched, x0, t, noise), t, y)
-    return (eps_pred.float() - noise).square().mean(dim=(1, 2, 3)), t
+    return F.mse_loss(eps_pred.float(), noise)
 
 
 def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
@@ -122,9 +114,35 @@ def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tens
     return torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null_label, y)
 
 
+# ----------------------------------------------------------------------------- Algorithm 1: training
+
+def update_ema(ema: UNet, model, step: int) -> None:
+    """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
+    decay = min(EMA_DECAY, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema_param, param in zip(ema.parameters(), model.parameters()):
+            ema_param.lerp_(param, 1 - decay)
 
 
-# ----------------------------------------------------------------------------- guidance, sampler
+def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedule, x0: torch.Tensor,
+               y: torch.Tensor, step: int, lr: float, amp: bool) -> tuple[torch.Tensor, bool]:
+    """Algorithm 1, once: L_simple on images x0 with labels y (some of them ∅), a clipped AdamW step, then the EMA. Returns the loss
+    and whether the update was applied: a NaN or inf gradient (a diverging run) changes nothing."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x0.device.type, torch.bfloat16, enabled=amp):
+        loss = diffusion_loss(model, sched, x0, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
+        return loss.detach(), False
+    optimizer.step()
+    update_ema(ema, model, step)
+    return loss.detach(), True
+
+
+# ----------------------------------------------------------------------------- guidance, the generalized sampler
 
 SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
@@ -132,17 +150,12 @@ SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
     """The timesteps the sampler visits (the paper's τ, Sec. 4.2), from the noisiest down to 0.
 
-    "uniform" and "quad": S = steps timesteps from T−1 down to 0, t_i = i + round((T − S)·f(u_i)),
-    u_i = i/(S−1), i = S−1, ..., 0. With f(u) = u this is round(linspace(T−1, 0, S)); f(u) = u²
-    puts more steps at low noise, where the details are made. The "i +" keeps neighbours at least
-    1 apart even where (T−S)·u² hardly moves, and makes S = T give T−1, ..., 0 exactly. They start
-    at T−1 because x_T is drawn as pure noise, so the first network call should be at the noisiest
-    step; S = 1 gives [T−1]: noise to x̂0 in one step.
-    "official-uniform" and "official-quad" are the grids of the DDIM paper's code (its Table 1):
-    range(0, T, T // S) (for T = 1000, S = 50: 980, 960, ..., 0; more than S steps where S does
-    not divide T) and int(linspace(0, √(0.8·T), S)²) (800 down to 0; for large S it repeats small
-    timesteps, steps from t to t that change nothing). Every grid ends at 0, from which the last
-    update jumps to x0.
+    "uniform" and "quad": t_i = i + round((T − S)·f(u_i)), u_i = i/(S−1), i = S−1, ..., 0, for
+    S = steps. f(u) = u is round(linspace(T−1, 0, S)); f(u) = u² puts more steps at low noise, where
+    the details are made. The "i +" keeps neighbours apart and makes S = T give T−1, ..., 0. They
+    start at T−1, where x_T is pure noise; S = 1 gives [T−1]: noise to x̂0 in one step.
+    "official-*" are the grids of the DDIM paper's code: range(0, T, T // S) (980, ..., 0 for
+    T = 1000, S = 50) and int(linspace(0, √(0.8·T), S)²) (800 down to 0). All end at 0.
     """
     if not 1 <= steps <= T:
         raise ValueError(f"need 1 <= steps <= T = {T}, got {steps}")
@@ -168,15 +181,6 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidanc
     eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]),
                                  torch.cat([y, torch.full_like(y, null_label)])).float().chunk(2)
     return (1 + guidance) * eps_cond - guidance * eps_uncond
-
-
-def checked_sample_steps(steps: int | None, T: int) -> int:
-    """--sample-steps against the model's T (known only after loading a checkpoint): default 50."""
-    if steps is None:
-        return min(50, T)
-    if steps > T:
-        raise SystemExit(f"error: --sample-steps {steps} is more than the model's T = {T} timesteps")
-    return steps
 
 
 @torch.inference_mode()
@@ -222,16 +226,13 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, y: torch.
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what Pillow raises for a bad file
 
 
 def load_dataset(name: str, data_dir: str, image_size: int | None = None,
                  size_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The training images as uint8 (N, C, H, W), kept whole in memory, their int64 labels and the
-    class names: a torchvision dataset by name, or every image under a folder (load_folder).
-    image_size: resize to it (default: the data's own size), a multiple of size_multiple."""
-    if image_size and image_size % size_multiple:
-        raise SystemExit(f"error: --image-size {image_size}: the U-Net halves the image at each level, "
-                         f"so the size must be a multiple of {size_multiple}")
+    """The training images as uint8 (N, C, H, W), kept whole in memory, their labels and the class
+    names: a torchvision dataset, or a folder (load_folder). image_size: default the data's own."""
     if name not in DATASETS:
         return load_folder(Path(name), image_size, size_multiple)
     dataset_class = DATASETS[name]
@@ -244,14 +245,8 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None,
     try:
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
-        raise SystemExit(
-            f"error: could not load or download {name} into {data_dir!r} ({e}).\n"
-            f"Without internet, put the files in place yourself: for mnist and fashion the four IDX "
-            f"files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-            f"t10k-labels-idx1-ubyte, unpacked) in {raw}; for cifar10 the extracted "
-            f"cifar-10-batches-py/ folder in {data_dir}. Fashion-MNIST is also packaged by "
-            f"Debian/Ubuntu (apt-get install dataset-fashion-mnist), which this script uses when "
-            f"present. Or point --data-dir at a folder that already holds the dataset.") from None
+        raise SystemExit(f"error: could not load or download {name} ({e}); offline, put the unpacked "
+                         f"IDX files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})") from None
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
     if image_size and image_size != images.shape[-1]:
@@ -260,71 +255,43 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None,
     return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
 
 
-def load_folder(root: Path, image_size: int | None, size_multiple: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_folder(root: Path, image_size: int | None,
+                size_multiple: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Every image file under root (recursively), centre-cropped to a square and resized to
-    image_size; by default the smallest short side of the files (their own size when they all
-    agree), rounded down to a multiple of size_multiple so that the U-Net can halve it.
-    Colour if any file has colour, else grayscale; transparent pixels become white. Labels: the
-    first-level subfolder, as in torchvision's ImageFolder (-1 for files directly in root).
-    Unreadable files are skipped and counted."""
+    image_size: by default the median short side, at most FOLDER_SIZE, a multiple of size_multiple
+    (the U-Net halves it). Smaller files and unreadable ones are skipped. Colour if any file has
+    colour; transparent pixels become white. Label: the first-level subfolder (-1: none)."""
     if not root.is_dir():
         raise SystemExit(f"error: --dataset {root}: neither {', '.join(DATASETS)} nor a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise SystemExit(f"error: no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    class_names = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    class_names = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
+    short_sides = {}
+    for path in files:  # reads the headers only
+        with contextlib.suppress(*UNREADABLE), Image.open(path) as picture:
+            short_sides[path] = min(picture.size)
+    if not short_sides:
+        raise SystemExit(f"error: no readable image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     if image_size is None:
-        short_sides = []
-        for path in files:  # reads the headers only
-            try:
-                with Image.open(path) as picture:
-                    short_sides.append(min(picture.size))
-            except (OSError, ValueError):
-                pass
-        image_size = min(short_sides, default=0) // size_multiple * size_multiple
-        if image_size == 0:
-            raise SystemExit(f"error: none of the {len(files)} image files under {root} could be read")
-    nbytes, free = len(files) * 3 * image_size**2, free_memory()
-    if nbytes > free / 2:
-        raise SystemExit(f"error: {len(files)} images of {image_size}×{image_size} need {nbytes / 2**30:.1f} GiB "
-                         f"in memory, more than half of the {free / 2**30:.1f} GiB free: use a smaller "
-                         f"--image-size, or fewer images")
-    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
-    labels, kept = [], 0
-    for path in tqdm(files, desc=f"loading {root}", dynamic_ncols=True, leave=False):
-        try:
-            with Image.open(path) as picture:
-                picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
-                picture = ImageOps.fit(picture.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-        images[kept] = pil_to_tensor(picture)
-        parts = path.relative_to(root).parts
-        labels.append(class_names.index(parts[0]) if len(parts) > 1 else -1)
-        kept += 1
-    if kept == 0:
-        raise SystemExit(f"error: none of the {len(files)} image files under {root} could be read")
-    if kept < len(files):
-        print(f"skipped {len(files) - kept} unreadable file(s) of {len(files)} under {root}")
-    images = images[:kept]
+        median_side = sorted(short_sides.values())[len(short_sides) // 2]
+        image_size = max(size_multiple, min(median_side, FOLDER_SIZE) // size_multiple * size_multiple)
+        if median_side > FOLDER_SIZE:
+            print(f"training at {image_size}×{image_size}, smaller than the images (--image-size to choose)")
+    images, labels = [], []
+    for path in tqdm([path for path, side in short_sides.items() if side >= image_size],
+                     desc=f"loading {root}", dynamic_ncols=True, leave=False):
+        with contextlib.suppress(*UNREADABLE), Image.open(path) as picture:
+            picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
+            picture = ImageOps.fit(picture.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
+            images.append(pil_to_tensor(picture))
+            labels.append(class_names.index(path.relative_to(root).parts[0]) if path.parent != root else -1)
+    if len(images) < len(files):
+        print(f"skipped {len(files) - len(images)} of the {len(files)} files: unreadable, or too small")
+    if not images:
+        raise SystemExit(f"error: no image under {root} is readable and {image_size}×{image_size} or larger")
+    images = torch.stack(images)
     if torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]):
         images = images[:, :1]  # no pixel has colour: grayscale
     return images.contiguous(), torch.tensor(labels, dtype=torch.long), class_names
-
-
-def free_memory() -> float:
-    """Bytes of RAM free now (Linux; elsewhere: no limit known)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return math.inf
-
-
-def check_fits(images: torch.Tensor, device: torch.device) -> None:
-    """The data stays on the device: stop with its size rather than run out of memory later."""
-    if device.type == "cuda" and images.nbytes > torch.cuda.mem_get_info(device)[0] / 2:
-        raise SystemExit(f"error: the images need {images.nbytes / 2**30:.1f} GiB, more than half of the "
-                         f"free memory of {device}: use a smaller --image-size, or fewer images")
 
 
 def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -335,251 +302,155 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
     return x
 
 
-# ----------------------------------------------------------------------------- one training step
-
-def update_ema(ema: UNet, model, step: int) -> None:
-    """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the network's weights only."""
-    decay = min(EMA_DECAY, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for ema_param, param in zip(ema.parameters(), model.parameters()):
-            ema_param.lerp_(param, 1 - decay)
-
-
-def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedule, x0: torch.Tensor,
-               y: torch.Tensor, step: int, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Algorithm 1, once: L_simple on a batch of images x0 with labels y (some of them ∅),
-    a clipped AdamW step, then the EMA.
-
-    Returns the per-sample losses and their t (for the log), and whether the update was applied:
-    a step whose gradient is not finite (NaN or inf: a diverging run) changes neither the weights
-    nor the EMA. Checking costs one wait for the device per step, as in PyTorch's GradScaler.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with torch.autocast(x0.device.type, torch.bfloat16, enabled=amp):
-        losses, t = diffusion_loss(model, sched, x0, y)
-    optimizer.zero_grad(set_to_none=True)
-    losses.mean().backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
-        return losses.detach(), t, False
-    optimizer.step()
-    update_ema(ema, model, step)
-    return losses.detach(), t, True
 
 
 # ----------------------------------------------------------------------------- training run
 
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
-    """Train with train_step over the data, --epochs times (or --max-steps). Rank 0 writes all files
-    to --out: checkpoints, log.csv, loss.png, sample grids. Ctrl-C or SIGTERM saves and stops."""
-    out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
+    """train_step over the data, --epochs times (or --max-steps). Rank 0 writes the checkpoint,
+    log.csv, loss.png and sample grids to --out. Ctrl-C saves and stops; --resume continues."""
+    out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     ckpt = checkpoint_to_resume(ckpt_path, args)
+    images, labels, class_names = training_data(args, rank, world_size)
+    images, labels = images.to(device), labels.to(device)
+    unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset],
+                num_classes=len(class_names))  # the U-Net adds ∅ as label num_classes
+    config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps, dataset=args.dataset,
+                  classes=class_names)
+    sched = Schedule(args.timesteps, args.schedule, device)
+    model, ema, optimizer, run = build_run(config, ckpt, args, device, rank)
+    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    train_model = torch.compile(train_model) if args.compile else train_model
+    steps_per_epoch = len(images) // args.batch_size
+    epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))
+    total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
+    grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # short epochs: fewer grids
+    stop_signals = catch_stop_signals(world_size)
+    if rank == 0:
+        log = open_log(out / "log.csv", run["step"])
+        print(f"{len(images)} images {tuple(images.shape[1:])}, {total_steps} steps of {args.batch_size} on "
+              f"{device} × {world_size}" + (f", resuming at step {run['step']}" if ckpt else ""))
+    bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0, dynamic_ncols=True)
+    totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
+    step = timer_step = run["step"]
+    timer, bad_in_a_row, stop, order_epoch = time.perf_counter(), 0, False, None
+    while step < total_steps and not stop:
+        epoch, index_in_epoch = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:  # depends only on (seed, epoch): a resumed run sees the same batches
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
+            order_epoch = epoch
+        batch = order[index_in_epoch * args.batch_size:][:args.batch_size].chunk(world_size)[rank]
+        x0 = to_model_range(images[batch.to(device)], args.flip)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
+        y = drop_labels(labels[batch.to(device)], args.p_uncond, len(class_names))
+        loss, applied = train_step(train_model, ema, optimizer, sched, x0, y, step, lr, args.amp)
+        step = run["step"] = step + 1
+        bar.update(1)
+        run["skipped"] += not applied
+        bad_in_a_row = 0 if applied else bad_in_a_row + 1
+        if bad_in_a_row == MAX_BAD_STEPS:
+            raise SystemExit(f"error: the gradient was NaN or inf for {MAX_BAD_STEPS} steps in a row (step {step}); "
+                             f"{ckpt_path} holds the last good state: lower --lr or --no-amp, and --resume")
+        if applied:
+            totals[0] += loss
+            totals[1] += 1
+        if step % LOG_EVERY == 0 or step == total_steps:  # one wait for the device, and a row of log.csv
+            totals[2] = len(stop_signals)
+            if world_size > 1:
+                dist.all_reduce(totals)  # the ranks agree on the loss, and on whether to stop
+            seconds = time.perf_counter() - timer
+            run["elapsed"] += seconds
+            loss, stop = (totals[0] / totals[1]).item(), totals[2].item() > 0
+            bar.set_postfix(loss=f"{loss:.4f}", skipped=run["skipped"])
+            if rank == 0:
+                log.writerow([step, f"{step / steps_per_epoch:.3f}", f"{loss:.5f}", f"{lr:.3g}",
+                              f"{(step - timer_step) * args.batch_size / seconds:.1f}", f"{run['elapsed']:.1f}",
+                              run["skipped"]])
+            totals.zero_()
+            timer, timer_step = time.perf_counter(), step
+        if rank == 0 and (stop or step % CKPT_EVERY == 0 or step % steps_per_epoch == 0 or step == total_steps):
+            rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+            save_checkpoint(ckpt_path, dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                                            config=config, args=vars(args), rng=rng, **run))
+        if rank == 0 and not stop and step % grid_every == 0 and step < total_steps:
+            sampling_start = time.perf_counter()
+            grid_y = grid_labels(2 * len(class_names), len(class_names), args.class_label)
+            save_samples(ema, sched, grid_y, args.guidance, args, out / f"samples_epoch{step // steps_per_epoch}.png")
+            timer += time.perf_counter() - sampling_start  # sampling is not training time
+    bar.close()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while sampling stops at once
+    if rank == 0:
+        plot_log(out / "log.csv", out / "loss.png")
+        print(f"saved {ckpt_path} at step {step}" + ("; continue with --resume" if stop else ""))
+    if rank == 0 and not stop:
+        frames = []
+        grid_y = grid_labels(args.n_samples, len(class_names), args.class_label)
+        save_samples(ema, sched, grid_y, args.guidance, args, out / "samples.png", frames)
+        save_gif(frames, out / "reverse.gif")
+        save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
+        print(f"wrote {out / 'samples.png'}, {out / 'reverse.gif'} and {out / 'guidance_sweep.png'}")
+        print_columns(class_names, args.class_label)
+
+
+def checkpoint_to_resume(ckpt_path: Path, args) -> dict | None:
+    """The checkpoint to continue from, or None to start fresh; never overwrites a run by accident."""
+    if args.resume or (args.auto_resume and ckpt_path.is_file()):
+        return load_checkpoint(ckpt_path, for_training=True)[1]
+    if ckpt_path.is_file() and not args.overwrite:
+        raise SystemExit(f"error: {ckpt_path.parent} holds a training run: continue it with --resume, "
+                         f"start over with --overwrite, or choose another --out")
+    return None
+
+
+def training_data(args, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """load_dataset for the U-Net of --preset; under DDP rank 0 downloads first, then the others."""
     if rank != 0:
-        dist.barrier()  # let rank 0 download the data first
-    levels = len(PRESETS[args.preset]["channel_mult"])
-    images, labels, class_names = load_dataset(args.dataset, args.data_dir, args.image_size, 2 ** (levels - 1))
+        dist.barrier()
+    size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
+    images, labels, class_names = load_dataset(args.dataset, args.data_dir, args.image_size, size_multiple)
     if world_size > 1 and rank == 0:
         dist.barrier()
-    check_fits(images, device)
     if not class_names:
         raise SystemExit(f"error: cfg.py learns classes: put the images under {args.dataset} in one "
                          f"subfolder per class (the subfolder's name is the class)")
     if (labels < 0).any():
         print(f"left out {(labels < 0).sum().item()} image(s) directly in {args.dataset}: they have no class")
         images, labels = images[labels >= 0], labels[labels >= 0]
-    num_classes = len(class_names)  # the U-Net adds ∅ as label num_classes
     args.class_label = class_index(args.class_label, class_names)
-    images, labels = images.to(device), labels.to(device)
-    config = dict(unet=dict(image_channels=images.shape[1], image_size=images.shape[2],
-                            **PRESETS[args.preset], num_classes=num_classes),
-                  schedule=args.schedule, timesteps=args.timesteps, dataset=args.dataset, classes=class_names)
-    sched = Schedule(args.timesteps, args.schedule, device)
+    if len(images) < args.batch_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
+    return images, labels, class_names
+
+
+def build_run(config: dict, ckpt: dict | None, args, device: torch.device,
+              rank: int) -> tuple[UNet, UNet, torch.optim.Optimizer, dict]:
+    """The network, its EMA copy, AdamW and the run's counters: new, or as the checkpoint left them
+    (a resumed run continues bit for bit)."""
     # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower.
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
-                                  fused=device.type == "cuda")
-    run = dict(step=0, elapsed=0.0, skipped=0)  # what the checkpoint carries besides the weights
+    optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    run = dict(step=0, elapsed=0.0, skipped=0)  # what the checkpoint carries besides weights and RNG
     if ckpt is not None:
-        restore(ckpt, config, model, ema, optimizer, run, ckpt_path, device)
-        if world_size > 1:  # each rank needs its own noise; exact replay holds for one process
+        if ckpt["config"] != config:
+            raise SystemExit(f"error: cannot resume {ckpt['config']} with flags that give {config}")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.update({key: ckpt[key] for key in run})
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if rank > 0:  # every DDP rank needs noise of its own: exact replay holds for one process
             torch.manual_seed(args.seed + rank + run["step"])
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    local_batch = args.batch_size // world_size
-    steps_per_epoch = len(images) // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the dataset ({len(images)} images)")
-    epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))
-    total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
-    sample_generator = torch.Generator(device)  # fixed noise: grids are comparable across epochs
-    grid_every = max(1, CKPT_EVERY // steps_per_epoch)  # in epochs: short epochs get fewer grids
-
-    def save() -> None:
-        if rank == 0:
-            save_checkpoint(ckpt_path, dict(model=model.state_dict(), ema=ema.state_dict(),
-                                            optimizer=optimizer.state_dict(), config=config,
-                                            args=vars(args), rng=rng_state(device), **run))
-
-    stop_signals = catch_stop_signals(world_size)
-    if rank == 0:
-        log = open_log(out / "log.csv", run["step"], args.timesteps)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.dataset}: {len(images)} images {tuple(images.shape[1:])}, "
-              f"{n_params / 1e6:.2f}M parameters, {total_steps} steps of batch {args.batch_size} "
-              f"on {device} × {world_size}" + (f", resuming at step {run['step']}" if ckpt else ""))
-    model.train()
-    bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0, dynamic_ncols=True)
-    totals = torch.zeros(2, LOSS_BANDS, device=device)  # per band of t: summed loss, count
-    timer_start, timer_step, bad_in_a_row = time.perf_counter(), run["step"], 0
-    order, order_epoch = None, None
-    while run["step"] < total_steps:
-        step = run["step"]
-        epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:  # depends only on (seed, epoch): a resumed run sees the same batches
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
-            order_epoch = epoch
-        batch_index = order[index_in_epoch * args.batch_size:][:args.batch_size]
-        local_index = batch_index[rank * local_batch:(rank + 1) * local_batch].to(device)
-        x0 = to_model_range(images[local_index], flip=args.flip)
-        y = drop_labels(labels[local_index], args.p_uncond, num_classes)
-
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
-        losses, t, applied = train_step(train_model, ema, optimizer, sched, x0, y, step, lr, args.amp)
-        run["step"] = step = step + 1
-        if applied:
-            bad_in_a_row = 0
-            band = t * LOSS_BANDS // sched.T
-            totals[0].index_add_(0, band, losses.float())
-            totals[1].index_add_(0, band, torch.ones_like(losses, dtype=torch.float))
-        else:
-            run["skipped"] += 1
-            bad_in_a_row += 1
-            if bad_in_a_row == MAX_BAD_STEPS:
-                raise SystemExit(f"error: the gradient was NaN or inf for {MAX_BAD_STEPS} steps in a row "
-                                 f"(at step {step}): training diverged. {ckpt_path} holds the last good "
-                                 f"state; try a lower --lr, or --no-amp, and --resume")
-        bar.update(1)
-
-        if step % LOG_EVERY == 0 or step == total_steps:
-            if world_size > 1:
-                dist.all_reduce(totals)
-            elapsed = time.perf_counter() - timer_start
-            run["elapsed"] += elapsed
-            images_per_s = (step - timer_step) * args.batch_size / elapsed
-            band_loss = (totals[0] / totals[1]).tolist()  # NaN for a band with no sample
-            loss = (totals[0].sum() / totals[1].sum()).item()
-            bar.set_postfix(loss=f"{loss:.4f}", img_per_s=f"{images_per_s:.0f}", skipped=run["skipped"])
-            if rank == 0:
-                log.write(",".join(map(str, [step, f"{step / steps_per_epoch:.3f}", f"{loss:.5f}",
-                                             f"{lr:.3g}", f"{images_per_s:.1f}", f"{run['elapsed']:.1f}",
-                                             run["skipped"]] + [f"{b:.5f}" for b in band_loss])) + "\n")
-                log.flush()
-            totals.zero_()
-            timer_start, timer_step = time.perf_counter(), step
-        if stop_requested(stop_signals, step, world_size, device):
-            save()
-            bar.close()
-            if rank == 0:
-                plot_log(out / "log.csv", out / "loss.png")
-                print(f"stopped at step {step}; saved {ckpt_path}; continue with --resume")
-            return
-        if step % CKPT_EVERY == 0 or (step % steps_per_epoch == 0 and step < total_steps):
-            save()  # once, also where an epoch ends on a multiple of CKPT_EVERY
-        if step % (steps_per_epoch * grid_every) == 0 and step < total_steps:
-            sampling_start = time.perf_counter()
-            if rank == 0:
-                grid_y = grid_labels(2 * num_classes, num_classes, args.class_label)
-                grid = sample_in_batches(ema, sched, grid_y, args.guidance, args,
-                                         sample_generator.manual_seed(args.seed))
-                save_image(grid, out / f"samples_epoch{step // steps_per_epoch}.png",
-                           nrow=grid_width(len(grid_y), num_classes, args.class_label))
-            timer_start += time.perf_counter() - sampling_start  # sampling is not training time
-    bar.close()
-    save()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C during sampling stops at once
-        signal.signal(signum, signal.SIG_DFL)
-    if rank == 0:
-        plot_log(out / "log.csv", out / "loss.png")
-        frames = []
-        grid_y = grid_labels(args.n_samples, num_classes, args.class_label)
-        grid = sample_in_batches(ema, sched, grid_y, args.guidance, args,
-                                 sample_generator.manual_seed(args.seed), frames)
-        save_image(grid[:256], out / "samples.png",
-                   nrow=grid_width(min(256, len(grid_y)), num_classes, args.class_label))
-        save_gif(frames, out / "reverse.gif")
-        save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
-        print(f"wrote {ckpt_path}, {out / 'samples.png'}, {out / 'reverse.gif'}, {out / 'guidance_sweep.png'} "
-              f"and {out / 'log.csv'}")
-        print_columns(class_names, args.class_label)
-
-
-# ----------------------------------------------------------------------------- training plumbing
-
-def lock_out_dir(out: Path):
-    """One training run per --out: an exclusive lock on <out>/lock, held until the returned file
-    is closed. The OS releases it when the process dies, even by kill -9, so a dead run never
-    blocks the next. (fcntl is POSIX; on Windows there is no lock.) Also removes the ckpt.pt.tmp
-    that a kill during a save leaves: ckpt.pt itself is always whole."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / "lock", "w")
-    if fcntl is not None:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"error: another run is training in {out} right now (it holds {out / 'lock'}); "
-                             f"wait for it to end, or choose another --out") from None
-    (out / "ckpt.pt.tmp").unlink(missing_ok=True)
-    return handle
-
-
-def checkpoint_to_resume(ckpt_path: Path, args) -> dict | None:
-    """The checkpoint to continue from, or None to start fresh. Never overwrites a run by accident:
-    a fresh start where a checkpoint exists needs --overwrite."""
-    if args.resume or (args.auto_resume and ckpt_path.is_file()):
-        ckpt = load_checkpoint(ckpt_path)
-        if "optimizer" not in ckpt:
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: it holds no optimizer state (a "
-                             f"sampling-only checkpoint, made by --export); use it with --sample-only")
-        return ckpt
-    if ckpt_path.is_file() and not args.overwrite:
-        raise SystemExit(f"error: {ckpt_path.parent} already holds a training run ({ckpt_path}). "
-                         f"Continue it with --resume, start over with --overwrite, or choose another --out")
-    return None
-
-
-def restore(ckpt: dict, config: dict, model: UNet, ema: UNet, optimizer, run: dict, ckpt_path: Path,
-            device: torch.device) -> None:
-    """Load a checkpoint's weights, optimizer, step counters and RNG states into this run."""
-    if ckpt["config"] != config:
-        raise SystemExit(f"error: cannot resume: {ckpt_path} holds {ckpt['config']}, "
-                         f"but these flags give {config}")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    run.update({key: ckpt.get(key, 0) for key in run})
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-
-
-def rng_state(device: torch.device) -> dict:
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
+    return model, ema, optimizer, run
 
 
 def catch_stop_signals(world_size: int) -> list:
-    """Ctrl-C (or SIGTERM, in one process): note it, and the loop saves and exits; a second one
-    stops at once. Under torchrun a SIGTERM comes from its agent tearing the group down, often
-    because a worker died: waiting for a dead peer would hang, so it stops at once, and
-    --auto-resume continues from the last checkpoint when torchrun restarts the workers."""
+    """Ctrl-C (or SIGTERM, in one process) is noted in the returned list: the loop saves and stops
+    (under DDP all ranks together); a second one stops at once. Under torchrun, SIGTERM means a
+    worker died: waiting for it would hang, so it stops at once, and --auto-resume continues."""
     stop_signals = []
 
     def request_stop(signum, _frame):
@@ -591,31 +462,32 @@ def catch_stop_signals(world_size: int) -> list:
     return stop_signals
 
 
-def stop_requested(stop_signals: list, step: int, world_size: int, device: torch.device) -> bool:
-    """One process stops after the step in which the signal came. DDP ranks must stop together,
-    so they compare flags every LOG_EVERY steps (one all_reduce)."""
-    if world_size == 1:
-        return bool(stop_signals)
-    if step % LOG_EVERY:
-        return False
-    flag = torch.tensor(float(bool(stop_signals)), device=device)
-    dist.all_reduce(flag)
-    return bool(flag.item())
+def lock_out_dir(out: Path):
+    """One training run per --out: a lock on <out>/lock until the returned file is closed, released
+    by the OS when the process dies, even by kill -9 (POSIX only). Removes a kill's ckpt.pt.tmp."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / "lock", "w")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another run is training in {out} (it holds {out / 'lock'}); "
+                             f"wait for it to end, or choose another --out") from None
+    (out / "ckpt.pt.tmp").unlink(missing_ok=True)
+    return handle
 
 
-def open_log(path: Path, step: int, T: int):
-    """log.csv, one row per LOG_EVERY steps. A fresh run starts it anew; a resumed one keeps the
-    rows up to its checkpoint's step (later ones were lost with the process) and appends."""
-    bands = [f"loss_t{T * b // LOSS_BANDS}-{T * (b + 1) // LOSS_BANDS - 1}" for b in range(LOSS_BANDS)]
-    header = ",".join(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"] + bands)
-    rows = path.read_text().splitlines()[1:] if step > 0 and path.is_file() else []
-    rows = [row for row in rows if int(row.split(",")[0]) <= step]
-    path.write_text("\n".join([header] + rows) + "\n")
-    return open(path, "a")
+def open_log(path: Path, step: int):
+    """log.csv as a csv.writer, written through by line; on resume it keeps the rows up to the step."""
+    rows = list(csv.reader(path.read_text().splitlines()))[1:] if step > 0 and path.is_file() else []
+    log = csv.writer(open(path, "w", buffering=1, newline=""), lineterminator="\n")  # buffering=1: by line
+    log.writerow(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"])
+    log.writerows(row for row in rows if int(row[0]) <= step)
+    return log
 
 
 def plot_log(csv_path: Path, png_path: Path) -> None:
-    """loss.png: the loss, and the loss in each band of t, against the step (needs matplotlib)."""
+    """loss.png: the loss against the step (needs matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -623,44 +495,115 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
     except ImportError:
         print(f"the training record is in {csv_path}; pip install matplotlib to get {png_path.name}")
         return
-    header, *rows = [line.split(",") for line in csv_path.read_text().splitlines()]
-    if not rows:
-        return
-    columns = {name: [float(row[i]) for row in rows] for i, name in enumerate(header)}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(columns["step"], columns["loss"], color="black", label="loss")
-    for name in header[7:]:
-        ax.plot(columns["step"], columns[name], linewidth=0.8, label=name.replace("loss_", ""))
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(7, 4), layout="tight")
+    ax.plot([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows])
     ax.set(xlabel="step", ylabel="L_simple (MSE of ε)", yscale="log")
-    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
 
-def sample_images(ema: UNet, sched: Schedule, y: torch.Tensor, guidance: float, args,
-                  generator: torch.Generator, frames: list | None = None,
-                  progress: bool = False) -> torch.Tensor:
-    """Samples of classes y from the EMA network, guided with strength w, as images in [0, 1]."""
-    shape = (len(y), ema.conv_in.in_channels, ema.image_size, ema.image_size)
-    with torch.autocast(sched.betas.device.type, torch.bfloat16, enabled=args.amp):
-        x = sample(ema, sched, shape, args.sample_steps, y.to(sched.betas.device), guidance=guidance,
-                   null_label=ema.num_classes, eta=args.eta, skip=args.skip,
-                   generator=generator, frames=frames, progress=progress)
-    return (x.float() + 1) / 2
-
-
-def sample_in_batches(ema: UNet, sched: Schedule, y: torch.Tensor, guidance: float, args,
-                      generator: torch.Generator, frames: list | None = None) -> torch.Tensor:
-    """Samples of classes y in batches of --batch-size (memory stays bounded), as [0, 1] images
-    on the CPU. frames: filled from the first batch, for a GIF."""
+def save_samples(ema: UNet, sched: Schedule, y: torch.Tensor, guidance: float, args, path: Path,
+                 frames: list | None = None) -> torch.Tensor:
+    """Samples of classes y of the EMA network, guided with strength w, from the same noise at every
+    call, in batches of --batch-size; their grid (at most 16×16, a column per class) goes to path.
+    Returns them as [0, 1] images on the CPU. frames: filled from the first batch, for a GIF."""
+    generator = torch.Generator(sched.betas.device).manual_seed(args.seed)
     images = []
-    for start in tqdm(range(0, len(y), args.batch_size), desc="batches", disable=len(y) <= args.batch_size,
-                      dynamic_ncols=True):
-        images.append(sample_images(ema, sched, y[start:start + args.batch_size], guidance, args,
-                                    generator, frames if start == 0 else None, progress=True).cpu())
-    return torch.cat(images)
+    for start in tqdm(range(0, len(y), args.batch_size), desc="batches", disable=len(y) <= args.batch_size):
+        y_batch = y[start:start + args.batch_size].to(sched.betas.device)
+        shape = (len(y_batch), ema.conv_in.in_channels, ema.image_size, ema.image_size)
+        with torch.autocast(sched.betas.device.type, torch.bfloat16, enabled=args.amp):
+            x = sample(ema, sched, shape, args.sample_steps, y_batch, guidance=guidance, null_label=ema.num_classes,
+                       eta=args.eta, skip=args.skip, generator=generator,
+                       frames=frames if start == 0 else None, progress=True)
+        images.append((x.float().cpu() + 1) / 2)
+    images = torch.cat(images)
+    save_image(images[:256], path, nrow=grid_width(min(256, len(y)), ema.num_classes, args.class_label))
+    return images
+
+
+# ----------------------------------------------------------------------------- checkpoints and outputs
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a temporary file, flush it to disk, then rename it over the old checkpoint: a kill or a
+    full disk at any moment leaves the previous checkpoint whole. Non-finite weights are refused."""
+    weights = [v for key in ("model", "ema") if key in state for v in state[key].values()]
+    if not all(torch.isfinite(v).all() for v in weights if v.is_floating_point()):
+        raise SystemExit(f"error: the weights are NaN or inf: not overwriting {path}")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, no permission, ...
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact") from None
+
+
+def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet, dict]:
+    """Its EMA network on the CPU, and the checkpoint: data only (weights_only), never code."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no checkpoint at {path} (train first, or pass --ckpt PATH)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ema = UNet(**ckpt["config"]["unet"]).eval()
+        ema.load_state_dict(ckpt["ema"])
+        Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"])
+    except Exception as e:  # truncated zip, foreign pickle, missing keys, ...: one line, no traceback
+        raise SystemExit(f"error: cannot load {path}: not a checkpoint of these scripts, or refused as "
+                         f"unsafe ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+    if for_training and "optimizer" not in ckpt:
+        raise SystemExit(f"error: cannot resume from {path}: it holds no optimizer (made by --export)")
+    return ema, ckpt
+
+
+def export(args) -> None:
+    """A sampling-only copy of a checkpoint: EMA weights and config (a third the size)."""
+    ckpt = load_checkpoint(args.ckpt)[1]
+    save_checkpoint(Path(args.export), {key: ckpt[key] for key in ("ema", "config", "step", "args")})
+    print(f"wrote {args.export}: the EMA weights of {args.ckpt} at step {ckpt['step']}")
+
+
+def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
+    """The reverse process as an animation: one grid of the first n samples per recorded step."""
+    pictures = [to_pil_image(make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(n)))) for x in frames]
+    durations = [60] * (len(pictures) - 1) + [2000]  # hold the final samples
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+
+
+def sample_only(args, device: torch.device) -> None:
+    """args.n_samples samples of --ckpt's EMA network: a grid, and PNGs if asked; with --sweep, the
+    guidance sweep too."""
+    ema, ckpt = load_checkpoint(args.ckpt)
+    ema = ema.to(device)
+    if not ema.num_classes:
+        raise SystemExit(f"error: {args.ckpt} holds an unconditional model (from ddpm.py or ddim.py): "
+                         f"guided sampling needs one trained by cfg.py")
+    class_names = ckpt["config"].get("classes") or [str(i) for i in range(ema.num_classes)]
+    args.class_label = class_index(args.class_label, class_names)
+    sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.sample_steps = checked_sample_steps(args.sample_steps, sched.T)
+    labels = grid_labels(args.n_samples, ema.num_classes, args.class_label)
+    start_time = time.perf_counter()
+    images = save_samples(ema, sched, labels, args.guidance, args, out / "samples.png")
+    seconds = time.perf_counter() - start_time
+    print(f"wrote {out / 'samples.png'}: {len(images)} samples in {seconds:.1f} s ({seconds / len(images):.3f} s each)")
+    print_columns(class_names, args.class_label)
+    if args.save_pngs:
+        Path(args.save_pngs).mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            save_image(image, Path(args.save_pngs) / f"{class_names[label]}_{i:06d}.png")
+        print(f"wrote {len(images)} PNGs to {args.save_pngs}")
+    if args.sweep:
+        save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
+        print(f"wrote {out / 'guidance_sweep.png'}: rows of w = {', '.join(map(str, GUIDANCE_SWEEP))}")
 
 
 def class_index(class_arg: str | None, class_names: list[str]) -> int | None:
@@ -691,230 +634,102 @@ def grid_width(n: int, num_classes: int, class_label: int | None) -> int:
     return math.ceil(math.sqrt(n)) if class_label is not None else num_classes
 
 
-
-
-# ----------------------------------------------------------------------------- checkpoints and outputs
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file, flush it to disk, then rename it over the old checkpoint: a kill
-    or a full disk at any moment leaves the previous checkpoint whole. Non-finite weights are
-    refused: a checkpoint is always one that training can continue from."""
-    weights = [v for key in ("model", "ema") if key in state for v in state[key].values()]
-    if not all(torch.isfinite(v).all() for v in weights if v.is_floating_point()):
-        raise SystemExit(f"error: the weights are NaN or inf: not overwriting {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # full disk, no permission, ...
-        tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint, if any, "
-                         f"is intact") from None
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load tensors and plain data only (weights_only=True): a checkpoint can never run code.
-
-    Everything lands on the CPU (RNG states must be CPU tensors); load_state_dict moves weights."""
-    if not path.is_file():
-        raise SystemExit(f"error: no checkpoint at {path} (train first, or pass --ckpt PATH)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not (isinstance(ckpt, dict) and {"ema", "config", "step"} <= ckpt.keys()
-                and {"unet", "schedule", "timesteps", "dataset"} <= ckpt["config"].keys()):
-            raise ValueError("missing its model weights or config")
-        return ckpt
-    except Exception as e:  # truncated zip, foreign pickle, ...: one line, no traceback
-        reason = str(e).strip().splitlines()[0]
-        raise SystemExit(f"error: cannot load checkpoint {path}: not a valid checkpoint of these "
-                         f"scripts, or refused as unsafe ({type(e).__name__}: {reason})") from None
-
-
-def load_ema(ckpt_path: Path, device: torch.device) -> tuple[UNet, dict]:
-    """A checkpoint's EMA network, ready to sample, and its config."""
-    ckpt = load_checkpoint(ckpt_path)
-    try:
-        ema = UNet(**ckpt["config"]["unet"]).to(device).eval()
-        ema.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()})
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: checkpoint {ckpt_path} does not fit its own config: "
-                         f"{str(e).splitlines()[0]}") from None
-    return ema, ckpt
-
-
-def export(args) -> None:
-    """A sampling-only copy of a checkpoint: EMA weights and config, no optimizer (a third the size)."""
-    ckpt_path = Path(args.ckpt) if args.ckpt else Path(args.out) / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path)
-    save_checkpoint(Path(args.export), {key: ckpt[key] for key in ("ema", "config", "step", "args")
-                                        if key in ckpt})
-    print(f"wrote {args.export}: the EMA weights of {ckpt_path} at step {ckpt['step']}")
-
-
-def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
-    """The reverse process as an animation: one grid of the first n samples per recorded step."""
-    pictures = []
-    for x in frames:
-        grid = make_grid((x[:n].float().clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(n)))
-        pictures.append(to_pil_image(grid))
-    durations = [60] * (len(pictures) - 1) + [2000]  # hold the final samples
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-
-
 GUIDANCE_SWEEP = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
 def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class: int = 3) -> None:
-    """One row per w of GUIDANCE_SWEEP: per_class samples of each class side by side (or
-    per_class · num_classes samples of --class K), so diversity within a class can be seen.
-
-    The generator is reseeded for every row, so all rows start from the same noise (and a
-    stochastic sampler draws the same noise at every step): the rows differ only in w.
-    """
+    """One row per w of GUIDANCE_SWEEP: per_class samples of each class side by side (or of
+    --class K). Every row starts from the same noise: the rows differ only in w."""
     n = per_class * ema.num_classes
     y = (torch.arange(ema.num_classes).repeat_interleave(per_class) if args.class_label is None
          else torch.full((n,), args.class_label))
-    generator = torch.Generator(sched.betas.device)
-    rows = [sample_in_batches(ema, sched, y, w, args, generator.manual_seed(args.seed)) for w in GUIDANCE_SWEEP]
+    rows = [save_samples(ema, sched, y, w, args, path) for w in GUIDANCE_SWEEP]
     save_image(torch.cat(rows), path, nrow=len(y))
-
-
-def sample_only(args, device: torch.device) -> None:
-    """Load a checkpoint's EMA network and write args.n_samples samples (a grid, and PNGs if asked);
-    with --sweep, the guidance sweep too."""
-    ckpt_path = Path(args.ckpt) if args.ckpt else Path(args.out) / "ckpt.pt"
-    ema, ckpt = load_ema(ckpt_path, device)
-    config = ckpt["config"]
-    num_classes = config["unet"].get("num_classes")
-    if not num_classes:
-        raise SystemExit(f"error: {ckpt_path} holds an unconditional model (its config has no "
-                         f"num_classes; ddpm.py and ddim.py write such checkpoints): guided sampling "
-                         f"needs one trained by cfg.py")
-    class_names = config.get("classes") or [str(i) for i in range(num_classes)]
-    args.class_label = class_index(args.class_label, class_names)
-    sched = Schedule(config["timesteps"], config["schedule"], device)
-    args.sample_steps = checked_sample_steps(args.sample_steps, sched.T)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    labels = grid_labels(args.n_samples, num_classes, args.class_label)
-    start_time = time.perf_counter()
-    images = sample_in_batches(ema, sched, labels, args.guidance, args, generator)
-    seconds = time.perf_counter() - start_time
-    print(f"sampled {len(images)} images in {seconds:.1f} s ({1000 * seconds / len(images):.0f} ms per image)")
-    grid = images[:256]  # a grid bigger than 16×16 is too small to look at
-    save_image(grid, out / "samples.png", nrow=grid_width(len(grid), num_classes, args.class_label))
-    print(f"wrote {out / 'samples.png'}")
-    print_columns(class_names, args.class_label)
-    if args.save_pngs:
-        png_dir = Path(args.save_pngs)
-        png_dir.mkdir(parents=True, exist_ok=True)
-        for i, (image, label) in enumerate(zip(images, labels.tolist())):
-            save_image(image, png_dir / f"class{label}_{i:06d}.png")
-        print(f"wrote {len(images)} PNGs to {png_dir}")
-    if args.sweep:
-        save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
-        print(f"wrote {out / 'guidance_sweep.png'}: rows of w = {', '.join(map(str, GUIDANCE_SWEEP))}")
 
 
 # ----------------------------------------------------------------------------- command line
 
+def checked_sample_steps(steps: int | None, T: int) -> int:
+    """--sample-steps against the model's T (known only after loading a checkpoint): default 50."""
+    if steps is not None and steps > T:
+        raise SystemExit(f"error: --sample-steps {steps} is more than the model's T = {T} timesteps")
+    return steps or min(50, T)
+
+
 def pick_device(name: str) -> torch.device:
-    """auto: cuda, then mps, then cpu. A named device that is not there is an error."""
+    """--device: auto picks cuda, then mps, then cpu; a named device that is not there is an error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {name!r} is not a device name (auto, cpu, cuda, cuda:N, mps)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} asked for, but this PyTorch sees no CUDA GPU")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"error: --device {name} asked for, but MPS is not available here")
-    return device
+        return torch.empty(0, device=name).device  # fails for a device that is not there
+    except (RuntimeError, AssertionError) as e:
+        raise SystemExit(f"error: --device {name}: {str(e).strip().splitlines()[0]}") from None
+
+
+def positive_int(text: str) -> int:  # argparse type
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return int(text)
 
 
 def bf16_is_native(device: torch.device) -> bool:
-    """Whether bfloat16 autocast speeds this device up (rather than emulating bf16 slowly).
-
-    On an AVX-512 BF16 CPU it trains the 28×28 network about 1.7× faster than float32. The CPU
-    checks are private PyTorch helpers: where a version lacks them, the answer is no (float32)."""
+    """bf16 autocast is fast on Ampere and newer GPUs and on CPUs with AVX-512 BF16 or AMX (1.7× at
+    28×28). The CPU checks are private helpers: where missing, float32."""
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and newer
-    if device.type == "cpu":
-        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return any(check() for check in checks if check is not None)
-    return False
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("avx512_bf16", "amx_tile")]
+    return device.type == "cpu" and any(check() for check in checks if check is not None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="mnist",
-                   help="mnist, fashion, cifar10, or a folder of images (png, jpg, webp, bmp; searched recursively)")
-    p.add_argument("--data-dir", default="./data", help="torchvision layout; downloads go here")
-    p.add_argument("--image-size", type=int,
-                   help="resize (and centre-crop to a square) to this size; default: the data's own")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
-                   help="random horizontal flips; default: on for cifar10 and folders, off for mnist, fashion")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion, cifar10, or a folder of images")
+    p.add_argument("--data-dir", default="./data", help="where torchvision datasets are (or go)")
+    p.add_argument("--image-size", type=positive_int, help="square size; default the data's (see load_folder)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--epochs", type=int, help="default: 6 for mnist/fashion, 2000 for cifar10, ~360k images for a folder")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128, help="global, split over DDP processes")
-    p.add_argument("--lr", type=float, help="peak learning rate; default 1e-3 (28×28), 2e-4 (cifar10)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps; default 200 (28×28), 5000 (cifar10)")
-    p.add_argument("--preset", choices=PRESETS, help="U-Net size; default small (28×28), ddpm_cifar10")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global, split over DDP processes")
+    p.add_argument("--lr", type=float, help="peak learning rate, after a linear warmup")
+    p.add_argument("--warmup", type=positive_int, help="warmup steps")
+    p.add_argument("--preset", choices=PRESETS, help="U-Net size (unet.py)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder; default runs/cfg")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    p.add_argument("--auto-resume", action="store_true",
-                   help="continue from <out>/ckpt.pt if there is one, else start fresh (torchrun --max-restarts)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run even if <out> holds one (its checkpoint is replaced)")
-    p.add_argument("--sample-only", action="store_true", help="no training: sample a checkpoint")
-    p.add_argument("--ckpt", help="checkpoint for --sample-only; default <out>/ckpt.pt")
-    p.add_argument("--n-samples", type=int, default=64)
+    p.add_argument("--out", default="runs/cfg", help="the run's folder")
+    fresh_or_not = p.add_mutually_exclusive_group()
+    fresh_or_not.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    fresh_or_not.add_argument("--auto-resume", action="store_true", help="--resume if there is a checkpoint")
+    fresh_or_not.add_argument("--overwrite", action="store_true", help="start afresh over <out>/ckpt.pt")
+    p.add_argument("--sample-only", action="store_true", help="no training: sample --ckpt")
+    p.add_argument("--ckpt", help="checkpoint to sample or export; default <out>/ckpt.pt")
+    p.add_argument("--n-samples", type=positive_int, default=64)
     p.add_argument("--save-pngs", metavar="DIR", help="with --sample-only: one PNG per sample")
-    p.add_argument("--export", metavar="PATH",
-                   help="no training: write the EMA weights and config of --ckpt (default <out>/ckpt.pt) to PATH")
-    p.add_argument("--sample-steps", type=int, help="sampler steps S, 1..T; default 50 (T if smaller)")
-    p.add_argument("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
+    p.add_argument("--export", metavar="PATH", help="no training: copy --ckpt's EMA weights and config")
+    p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
+    p.add_argument("--sample-steps", type=positive_int, help="sampler steps S, 1..T; default 50 (T if smaller)")
     # η = 1 by default: on Fashion-MNIST, η = 0 left about one sample in five speckled after 2 epochs
     # of training (and a few after 6), η = 1 none; at 20 steps or fewer, η = 0 measured better.
-    p.add_argument("--eta", type=float, default=1.0,
-                   help="η in [0, 1]: 0 the paper's deterministic DDIM, 1 DDPM-like noise (eq. 16)")
-    p.add_argument("--skip", choices=SKIPS, default="uniform",
-                   help="the sampler's timesteps: from T-1 evenly (uniform) or denser at low noise "
-                        "(quad); official-*: the DDIM code's grids")
+    p.add_argument("--eta", type=float, default=1.0, help="η in [0, 1]: 0 deterministic DDIM, 1 DDPM-like")
+    p.add_argument("--skip", choices=SKIPS, default="uniform", help="the sampler's timesteps (step_grid)")
     # Label dropout: the paper found p_uncond 0.1 or 0.2 best, 0.5 clearly worse.
     p.add_argument("--p-uncond", type=float, default=0.1, help="probability of training a label as ∅")
     # Guidance w = 2 makes the class of every sample unmistakable, which is what a grid is for; it
     # costs diversity. The paper's best FID came at small w: 0.1 on ImageNet 64×64 (FID 1.55),
     # 0.3 on 128×128 (FID 2.43); its Inception score grew up to the largest w it tried (4).
-    p.add_argument("--guidance", type=float, default=2.0,
-                   help="guidance strength w of CFG eq. 6 (0: conditional model; diffusers' scale is 1+w)")
-    p.add_argument("--class", dest="class_label", metavar="K",
-                   help="sample class K (its index or name) only; default: one column of the grid per class")
-    p.add_argument("--sweep", action="store_true",
-                   help="with --sample-only: also write guidance_sweep.png (rows of w = 0 .. 4)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bfloat16 autocast; default: on where bf16 is native (recent GPUs, AVX-512 BF16 CPUs)")
+    p.add_argument("--guidance", type=float, default=2.0, help="w of CFG eq. 6 (diffusers' scale is 1+w)")
+    p.add_argument("--class", dest="class_label", metavar="K", help="sample class K (index or name) only")
+    p.add_argument("--sweep", action="store_true", help="with --sample-only: also write guidance_sweep.png")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast; default where native")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["folder"]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or "runs/cfg"
-    for name in ("epochs", "batch_size", "n_samples", "timesteps", "warmup", "max_steps", "image_size", "sample_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.ckpt = args.ckpt or str(Path(args.out) / "ckpt.pt")
+    size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
+    if args.image_size and args.image_size % size_multiple:
+        p.error(f"--image-size must be a multiple of {size_multiple}: the U-Net halves it at each level")
     if args.lr <= 0:
         p.error("--lr must be positive")
     if not 0 <= args.eta <= 1:
@@ -923,8 +738,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--p-uncond must be a probability, between 0 and 1")
     if not args.sample_only:  # with --sample-only, T comes from the checkpoint: checked after loading
         args.sample_steps = checked_sample_steps(args.sample_steps, args.timesteps)
-    if args.resume + args.auto_resume + args.overwrite > 1:
-        p.error("choose one of --resume, --auto-resume and --overwrite")
     return args
 
 
@@ -934,25 +747,32 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", 0))
     device = pick_device(args.device)
     if world_size > 1:  # started by torchrun: one process per GPU, or gloo on the CPU
-        if args.sample_only or args.export:
-            raise SystemExit("error: --sample-only and --export run in one process; start them without torchrun")
-        if args.batch_size % world_size:
-            raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world_size} processes")
+        if args.sample_only or args.export or args.batch_size % world_size:
+            raise SystemExit("error: under torchrun, --batch-size must divide by the processes; sample alone")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun keeps one store across restarts: without a prefix per restart, a restarted group
+        # reads the dead workers' addresses and fails or hangs (pytorch/pytorch#135712)
+        store = dist.PrefixStore(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), next(dist.rendezvous("env://"))[0])
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
-    if args.amp is None:
-        args.amp = bf16_is_native(device)
-    if args.export:
-        export(args)
-    elif args.sample_only:
-        sample_only(args, device)
-    else:
-        with lock_out_dir(Path(args.out)) if rank == 0 else contextlib.nullcontext():
-            train(args, device, rank, world_size)
+    args.amp = bf16_is_native(device) if args.amp is None else args.amp
+    try:  # the expected failures end in one line that says what to change
+        if args.export:
+            export(args)
+        elif args.sample_only:
+            sample_only(args, device)
+        else:
+            with lock_out_dir(Path(args.out)) if rank == 0 else contextlib.nullcontext():
+                train(args, device, rank, world_size)
+    except (RuntimeError, MemoryError) as e:  # out of memory: torch.OutOfMemoryError, or a CPU's RuntimeError
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
+            raise
+        raise SystemExit(f"error: out of memory on {device}: use a smaller --batch-size or --image-size") from None
+    except OSError as e:  # a full disk, a folder without write permission, ...
+        raise SystemExit(f"error: {e}") from None
     if world_size > 1:
         dist.destroy_process_group()
 
