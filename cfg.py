@@ -57,7 +57,7 @@ IMAGES_PER_FOLDER_RUN = 360_000
 FOLDER_SIZE = 64    # a folder's default --image-size is at most this: a laptop can train 64×64
 EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
-CKPT_EVERY = 500    # steps between checkpoints (and one per epoch); a sample grid every epoch or so
+CKPT_EVERY = 500    # steps between checkpoints (at most; or each epoch); a sample grid every epoch or so
 MAX_BAD_STEPS = 20  # stop after this many steps in a row with a NaN/inf gradient (all skipped)
 
 
@@ -126,8 +126,9 @@ def update_ema(ema: UNet, model, step: int) -> None:
 
 def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedule, x0: torch.Tensor,
                y: torch.Tensor, step: int, lr: float, amp: bool) -> tuple[torch.Tensor, bool]:
-    """Algorithm 1, once: L_simple on images x0 with labels y (some of them ∅), a clipped AdamW step, then the EMA. Returns the loss
-    and whether the update was applied: a NaN or inf gradient (a diverging run) changes nothing."""
+    """Algorithm 1, once: L_simple on images x0 with labels y (some of them ∅), a
+    clipped AdamW step, then the EMA. Returns the loss and whether the update was applied: a NaN or
+    inf gradient (a diverging run) changes nothing."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=amp):
@@ -142,7 +143,7 @@ def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedu
     return loss.detach(), True
 
 
-# ----------------------------------------------------------------------------- guidance, the generalized sampler
+# ----------------------------------------------------------------------------- guidance, sampler
 
 SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
@@ -302,8 +303,6 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
     return x
 
 
-
-
 # ----------------------------------------------------------------------------- training run
 
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
@@ -322,8 +321,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
     steps_per_epoch = len(images) // args.batch_size
-    epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))
-    total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # short epochs: fewer grids
     stop_signals = catch_stop_signals(world_size)
     if rank == 0:
@@ -349,7 +347,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         run["skipped"] += not applied
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if bad_in_a_row == MAX_BAD_STEPS:
-            raise SystemExit(f"error: the gradient was NaN or inf for {MAX_BAD_STEPS} steps in a row (step {step}); "
+            raise SystemExit(f"error: the gradient was NaN or inf for {MAX_BAD_STEPS} steps in a row; "
                              f"{ckpt_path} holds the last good state: lower --lr or --no-amp, and --resume")
         if applied:
             totals[0] += loss
@@ -362,33 +360,30 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             run["elapsed"] += seconds
             loss, stop = (totals[0] / totals[1]).item(), totals[2].item() > 0
             bar.set_postfix(loss=f"{loss:.4f}", skipped=run["skipped"])
+            images_per_s = (step - timer_step) * args.batch_size / seconds
             if rank == 0:
                 log.writerow([step, f"{step / steps_per_epoch:.3f}", f"{loss:.5f}", f"{lr:.3g}",
-                              f"{(step - timer_step) * args.batch_size / seconds:.1f}", f"{run['elapsed']:.1f}",
-                              run["skipped"]])
+                              f"{images_per_s:.1f}", f"{run['elapsed']:.1f}", run["skipped"]])
             totals.zero_()
             timer, timer_step = time.perf_counter(), step
-        if rank == 0 and (stop or step % CKPT_EVERY == 0 or step % steps_per_epoch == 0 or step == total_steps):
-            rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-            save_checkpoint(ckpt_path, dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                                            config=config, args=vars(args), rng=rng, **run))
+        if rank == 0 and (stop or step == total_steps or step % min(CKPT_EVERY, steps_per_epoch) == 0):
+            weights = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict())
+            save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), rng=rng_state(device),
+                                            **run))
         if rank == 0 and not stop and step % grid_every == 0 and step < total_steps:
             sampling_start = time.perf_counter()
-            grid_y = grid_labels(2 * len(class_names), len(class_names), args.class_label)
-            save_samples(ema, sched, grid_y, args.guidance, args, out / f"samples_epoch{step // steps_per_epoch}.png")
+            save_samples(ema, sched, 2 * len(class_names), args, out / f"samples_epoch{epoch + 1}.png")
             timer += time.perf_counter() - sampling_start  # sampling is not training time
     bar.close()
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while sampling stops at once
     if rank == 0:
         plot_log(out / "log.csv", out / "loss.png")
         print(f"saved {ckpt_path} at step {step}" + ("; continue with --resume" if stop else ""))
-    if rank == 0 and not stop:
+    if rank == 0 and not stop:  # the final samples, and the reverse process as a GIF
         frames = []
-        grid_y = grid_labels(args.n_samples, len(class_names), args.class_label)
-        save_samples(ema, sched, grid_y, args.guidance, args, out / "samples.png", frames)
+        save_samples(ema, sched, args.n_samples, args, out / "samples.png", frames)
         save_gif(frames, out / "reverse.gif")
         save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
-        print(f"wrote {out / 'samples.png'}, {out / 'reverse.gif'} and {out / 'guidance_sweep.png'}")
         print_columns(class_names, args.class_label)
 
 
@@ -419,6 +414,7 @@ def training_data(args, rank: int, world_size: int) -> tuple[torch.Tensor, torch
     args.class_label = class_index(args.class_label, class_names)
     if len(images) < args.batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
+    args.epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))  # a folder's default
     return images, labels, class_names
 
 
@@ -445,6 +441,11 @@ def build_run(config: dict, ckpt: dict | None, args, device: torch.device,
         if rank > 0:  # every DDP rank needs noise of its own: exact replay holds for one process
             torch.manual_seed(args.seed + rank + run["step"])
     return model, ema, optimizer, run
+
+
+def rng_state(device: torch.device) -> dict:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return dict(cpu=torch.get_rng_state(), cuda=cuda)
 
 
 def catch_stop_signals(world_size: int) -> list:
@@ -505,19 +506,21 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def save_samples(ema: UNet, sched: Schedule, y: torch.Tensor, guidance: float, args, path: Path,
-                 frames: list | None = None) -> torch.Tensor:
-    """Samples of classes y of the EMA network, guided with strength w, from the same noise at every
-    call, in batches of --batch-size; their grid (at most 16×16, a column per class) goes to path.
-    Returns them as [0, 1] images on the CPU. frames: filled from the first batch, for a GIF."""
+def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path, frames: list | None = None,
+                 y: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+    """n samples of the EMA network from the same noise each call, in batches of --batch-size, as
+    [0, 1] images on the CPU; their grid (at most 16×16, a column per class) goes to path. Classes y
+    (default: grid_labels), guided with strength w = guidance (default --guidance). frames: see sample."""
+    y = grid_labels(n, ema.num_classes, args.class_label) if y is None else y
+    guidance = args.guidance if guidance is None else guidance
     generator = torch.Generator(sched.betas.device).manual_seed(args.seed)
     images = []
     for start in tqdm(range(0, len(y), args.batch_size), desc="batches", disable=len(y) <= args.batch_size):
         y_batch = y[start:start + args.batch_size].to(sched.betas.device)
         shape = (len(y_batch), ema.conv_in.in_channels, ema.image_size, ema.image_size)
         with torch.autocast(sched.betas.device.type, torch.bfloat16, enabled=args.amp):
-            x = sample(ema, sched, shape, args.sample_steps, y_batch, guidance=guidance, null_label=ema.num_classes,
-                       eta=args.eta, skip=args.skip, generator=generator,
+            x = sample(ema, sched, shape, args.sample_steps, y_batch, guidance=guidance,
+                       null_label=ema.num_classes, eta=args.eta, skip=args.skip, generator=generator,
                        frames=frames if start == 0 else None, progress=True)
         images.append((x.float().cpu() + 1) / 2)
     images = torch.cat(images)
@@ -571,7 +574,8 @@ def export(args) -> None:
 
 def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
     """The reverse process as an animation: one grid of the first n samples per recorded step."""
-    pictures = [to_pil_image(make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(n)))) for x in frames]
+    grids = [make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(n))) for x in frames]
+    pictures = [to_pil_image(grid) for grid in grids]
     durations = [60] * (len(pictures) - 1) + [2000]  # hold the final samples
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
@@ -592,14 +596,14 @@ def sample_only(args, device: torch.device) -> None:
     args.sample_steps = checked_sample_steps(args.sample_steps, sched.T)
     labels = grid_labels(args.n_samples, ema.num_classes, args.class_label)
     start_time = time.perf_counter()
-    images = save_samples(ema, sched, labels, args.guidance, args, out / "samples.png")
+    images = save_samples(ema, sched, args.n_samples, args, out / "samples.png", y=labels)
     seconds = time.perf_counter() - start_time
-    print(f"wrote {out / 'samples.png'}: {len(images)} samples in {seconds:.1f} s ({seconds / len(images):.3f} s each)")
+    print(f"wrote {out / 'samples.png'}: {len(images)} samples in {seconds:.1f} s")
     print_columns(class_names, args.class_label)
     if args.save_pngs:
         Path(args.save_pngs).mkdir(parents=True, exist_ok=True)
         for i, (image, label) in enumerate(zip(images, labels.tolist())):
-            save_image(image, Path(args.save_pngs) / f"{class_names[label]}_{i:06d}.png")
+            save_image(image, Path(args.save_pngs) / f"{class_names[label].replace('/', '-')}_{i:06d}.png")
         print(f"wrote {len(images)} PNGs to {args.save_pngs}")
     if args.sweep:
         save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
@@ -615,7 +619,7 @@ def class_index(class_arg: str | None, class_names: list[str]) -> int | None:
     if class_arg.isdigit() and int(class_arg) < len(class_names):
         return int(class_arg)
     listed = ", ".join(class_names[:12]) + (", ..." if len(class_names) > 12 else "")
-    raise SystemExit(f"error: --class {class_arg}: the model knows classes 0..{len(class_names) - 1} ({listed})")
+    raise SystemExit(f"error: --class {class_arg}: the classes are 0..{len(class_names) - 1} ({listed})")
 
 
 def print_columns(class_names: list[str], class_label: int | None) -> None:
@@ -643,7 +647,7 @@ def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class:
     n = per_class * ema.num_classes
     y = (torch.arange(ema.num_classes).repeat_interleave(per_class) if args.class_label is None
          else torch.full((n,), args.class_label))
-    rows = [save_samples(ema, sched, y, w, args, path) for w in GUIDANCE_SWEEP]
+    rows = [save_samples(ema, sched, n, args, path, y=y, guidance=w) for w in GUIDANCE_SWEEP]
     save_image(torch.cat(rows), path, nrow=len(y))
 
 
@@ -685,7 +689,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="mnist", help="mnist, fashion, cifar10, or a folder of images")
     p.add_argument("--data-dir", default="./data", help="where torchvision datasets are (or go)")
-    p.add_argument("--image-size", type=positive_int, help="square size; default the data's (see load_folder)")
+    p.add_argument("--image-size", type=positive_int, help="default: the data's own (see load_folder)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--epochs", type=positive_int)
@@ -707,7 +711,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", metavar="PATH", help="no training: copy --ckpt's EMA weights and config")
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--sample-steps", type=positive_int, help="sampler steps S, 1..T; default 50 (T if smaller)")
+    p.add_argument("--sample-steps", type=positive_int, help="sampler steps S ≤ T; default 50 (T if smaller)")
     # η = 1 by default: on Fashion-MNIST, η = 0 left about one sample in five speckled after 2 epochs
     # of training (and a few after 6), η = 1 none; at 20 steps or fewer, η = 0 measured better.
     p.add_argument("--eta", type=float, default=1.0, help="η in [0, 1]: 0 deterministic DDIM, 1 DDPM-like")
@@ -720,7 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=2.0, help="w of CFG eq. 6 (diffusers' scale is 1+w)")
     p.add_argument("--class", dest="class_label", metavar="K", help="sample class K (index or name) only")
     p.add_argument("--sweep", action="store_true", help="with --sample-only: also write guidance_sweep.png")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast; default where native")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: if native)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["folder"]).items():
@@ -754,8 +758,10 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(device)
         # torchrun keeps one store across restarts: without a prefix per restart, a restarted group
         # reads the dead workers' addresses and fails or hangs (pytorch/pytorch#135712)
-        store = dist.PrefixStore(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), next(dist.rendezvous("env://"))[0])
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"restart{restart}", next(dist.rendezvous("env://"))[0])
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.amp = bf16_is_native(device) if args.amp is None else args.amp
@@ -770,7 +776,8 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, MemoryError) as e:  # out of memory: torch.OutOfMemoryError, or a CPU's RuntimeError
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
             raise
-        raise SystemExit(f"error: out of memory on {device}: use a smaller --batch-size or --image-size") from None
+        message = f"out of memory on {device}: try a smaller --batch-size or --image-size"
+        raise SystemExit(f"error: {message}") from None
     except OSError as e:  # a full disk, a folder without write permission, ...
         raise SystemExit(f"error: {e}") from None
     if world_size > 1:

@@ -53,7 +53,7 @@ IMAGES_PER_FOLDER_RUN = 360_000
 FOLDER_SIZE = 64    # a folder's default --image-size is at most this: a laptop can train 64×64
 EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
-CKPT_EVERY = 500    # steps between checkpoints (and one per epoch); a sample grid every epoch or so
+CKPT_EVERY = 500    # steps between checkpoints (at most; or each epoch); a sample grid every epoch or so
 MAX_BAD_STEPS = 20  # stop after this many steps in a row with a NaN/inf gradient (all skipped)
 
 
@@ -242,8 +242,6 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
     return x
 
 
-
-
 # ----------------------------------------------------------------------------- training run
 
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
@@ -260,8 +258,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
     steps_per_epoch = len(images) // args.batch_size
-    epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))
-    total_steps = min(epochs * steps_per_epoch, args.max_steps or math.inf)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # short epochs: fewer grids
     stop_signals = catch_stop_signals(world_size)
     if rank == 0:
@@ -286,7 +283,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         run["skipped"] += not applied
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if bad_in_a_row == MAX_BAD_STEPS:
-            raise SystemExit(f"error: the gradient was NaN or inf for {MAX_BAD_STEPS} steps in a row (step {step}); "
+            raise SystemExit(f"error: the gradient was NaN or inf for {MAX_BAD_STEPS} steps in a row; "
                              f"{ckpt_path} holds the last good state: lower --lr or --no-amp, and --resume")
         if applied:
             totals[0] += loss
@@ -299,30 +296,29 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             run["elapsed"] += seconds
             loss, stop = (totals[0] / totals[1]).item(), totals[2].item() > 0
             bar.set_postfix(loss=f"{loss:.4f}", skipped=run["skipped"])
+            images_per_s = (step - timer_step) * args.batch_size / seconds
             if rank == 0:
                 log.writerow([step, f"{step / steps_per_epoch:.3f}", f"{loss:.5f}", f"{lr:.3g}",
-                              f"{(step - timer_step) * args.batch_size / seconds:.1f}", f"{run['elapsed']:.1f}",
-                              run["skipped"]])
+                              f"{images_per_s:.1f}", f"{run['elapsed']:.1f}", run["skipped"]])
             totals.zero_()
             timer, timer_step = time.perf_counter(), step
-        if rank == 0 and (stop or step % CKPT_EVERY == 0 or step % steps_per_epoch == 0 or step == total_steps):
-            rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-            save_checkpoint(ckpt_path, dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                                            config=config, args=vars(args), rng=rng, **run))
+        if rank == 0 and (stop or step == total_steps or step % min(CKPT_EVERY, steps_per_epoch) == 0):
+            weights = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict())
+            save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), rng=rng_state(device),
+                                            **run))
         if rank == 0 and not stop and step % grid_every == 0 and step < total_steps:
             sampling_start = time.perf_counter()
-            save_samples(ema, sched, 16, args, out / f"samples_epoch{step // steps_per_epoch}.png")
+            save_samples(ema, sched, 16, args, out / f"samples_epoch{epoch + 1}.png")
             timer += time.perf_counter() - sampling_start  # sampling is not training time
     bar.close()
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while sampling stops at once
     if rank == 0:
         plot_log(out / "log.csv", out / "loss.png")
         print(f"saved {ckpt_path} at step {step}" + ("; continue with --resume" if stop else ""))
-    if rank == 0 and not stop:
+    if rank == 0 and not stop:  # the final samples, and the reverse process as a GIF
         frames = []
         save_samples(ema, sched, args.n_samples, args, out / "samples.png", frames)
         save_gif(frames, out / "reverse.gif")
-        print(f"wrote {out / 'samples.png'} and {out / 'reverse.gif'}")
 
 
 def checkpoint_to_resume(ckpt_path: Path, args) -> dict | None:
@@ -345,6 +341,7 @@ def training_data(args, rank: int, world_size: int) -> tuple[torch.Tensor, torch
         dist.barrier()
     if len(images) < args.batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
+    args.epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))  # a folder's default
     return images, labels, class_names
 
 
@@ -371,6 +368,11 @@ def build_run(config: dict, ckpt: dict | None, args, device: torch.device,
         if rank > 0:  # every DDP rank needs noise of its own: exact replay holds for one process
             torch.manual_seed(args.seed + rank + run["step"])
     return model, ema, optimizer, run
+
+
+def rng_state(device: torch.device) -> dict:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return dict(cpu=torch.get_rng_state(), cuda=cuda)
 
 
 def catch_stop_signals(world_size: int) -> list:
@@ -494,7 +496,8 @@ def export(args) -> None:
 
 def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
     """The reverse process as an animation: one grid of the first n samples per recorded step."""
-    pictures = [to_pil_image(make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(n)))) for x in frames]
+    grids = [make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(n))) for x in frames]
+    pictures = [to_pil_image(grid) for grid in grids]
     durations = [60] * (len(pictures) - 1) + [2000]  # hold the final samples
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
@@ -509,7 +512,7 @@ def sample_only(args, device: torch.device) -> None:
     start_time = time.perf_counter()
     images = save_samples(ema, sched, args.n_samples, args, out / "samples.png")
     seconds = time.perf_counter() - start_time
-    print(f"wrote {out / 'samples.png'}: {len(images)} samples in {seconds:.1f} s ({seconds / len(images):.3f} s each)")
+    print(f"wrote {out / 'samples.png'}: {len(images)} samples in {seconds:.1f} s")
     if args.save_pngs:
         Path(args.save_pngs).mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
@@ -548,7 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="mnist", help="mnist, fashion, cifar10, or a folder of images")
     p.add_argument("--data-dir", default="./data", help="where torchvision datasets are (or go)")
-    p.add_argument("--image-size", type=positive_int, help="square size; default the data's (see load_folder)")
+    p.add_argument("--image-size", type=positive_int, help="default: the data's own (see load_folder)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--epochs", type=positive_int)
@@ -571,7 +574,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--variance", choices=["beta", "posterior"], default="beta", help="σ_t²: β_t or β̃_t")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast; default where native")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: if native)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["folder"]).items():
@@ -599,8 +602,10 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(device)
         # torchrun keeps one store across restarts: without a prefix per restart, a restarted group
         # reads the dead workers' addresses and fails or hangs (pytorch/pytorch#135712)
-        store = dist.PrefixStore(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), next(dist.rendezvous("env://"))[0])
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"restart{restart}", next(dist.rendezvous("env://"))[0])
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.amp = bf16_is_native(device) if args.amp is None else args.amp
@@ -615,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, MemoryError) as e:  # out of memory: torch.OutOfMemoryError, or a CPU's RuntimeError
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
             raise
-        raise SystemExit(f"error: out of memory on {device}: use a smaller --batch-size or --image-size") from None
+        message = f"out of memory on {device}: try a smaller --batch-size or --image-size"
+        raise SystemExit(f"error: {message}") from None
     except OSError as e:  # a full disk, a folder without write permission, ...
         raise SystemExit(f"error: {e}") from None
     if world_size > 1:

@@ -60,9 +60,14 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1
 
 
+# Fashion-MNIST's class names as cfg.py writes them into file names ("/" would make a folder)
+FASHION_CLASSES = ["T-shirt-top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
 def read_pngs(folder: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The PNGs of a --save-pngs folder as uint8 (N, 1, 28, 28), and their intended labels when
-    every name is cfg.py's class{label}_{i:06d}.png (otherwise None)."""
+    every name is cfg.py's {class name}_{i:06d}.png of a Fashion-MNIST class (otherwise None)."""
     paths = sorted(Path(folder).glob("*.png"))
     if not paths:
         raise SystemExit(f"error: no PNG files in {folder}")
@@ -70,8 +75,11 @@ def read_pngs(folder: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     images = np.stack([np.asarray(Image.open(p).convert("L")) for p in paths])
     if images.shape[1:] != (28, 28):
         raise SystemExit(f"error: {folder}: images are {images.shape[1]}×{images.shape[2]}, not 28×28")
-    matches = [re.fullmatch(r"class(\d+)_\d+\.png", p.name) for p in paths]
-    labels = torch.tensor([int(m.group(1)) for m in matches]) if all(matches) else None
+    matches = [re.fullmatch(r"(.+)_\d+\.png", p.name) for p in paths]
+    names = [m.group(1) if m else None for m in matches]
+    if not set(names) <= set(FASHION_CLASSES):
+        return torch.from_numpy(images)[:, None], None
+    labels = torch.tensor([FASHION_CLASSES.index(name) for name in names])
     return torch.from_numpy(images)[:, None], labels
 
 # ----------------------------------------------------------------------------- classifier
