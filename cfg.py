@@ -310,8 +310,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     log.csv, loss.png and sample grids to --out. Ctrl-C saves and stops; --resume continues."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     ckpt = checkpoint_to_resume(ckpt_path, args)
-    images, labels, class_names = training_data(args, rank, world_size)
-    images, labels = images.to(device), labels.to(device)
+    images, labels, class_names = training_data(args, device, rank, world_size)
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset],
                 num_classes=len(class_names))  # the U-Net adds ∅ as label num_classes
     config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps, dataset=args.dataset,
@@ -375,7 +374,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             save_samples(ema, sched, 2 * len(class_names), args, out / f"samples_epoch{epoch + 1}.png")
             timer += time.perf_counter() - sampling_start  # sampling is not training time
     bar.close()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while sampling stops at once
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C while sampling stops at once
+        signal.signal(signum, signal.SIG_DFL)
     if rank == 0:
         plot_log(out / "log.csv", out / "loss.png")
         print(f"saved {ckpt_path} at step {step}" + ("; continue with --resume" if stop else ""))
@@ -397,8 +397,9 @@ def checkpoint_to_resume(ckpt_path: Path, args) -> dict | None:
     return None
 
 
-def training_data(args, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """load_dataset for the U-Net of --preset; under DDP rank 0 downloads first, then the others."""
+def training_data(args, device: torch.device, rank: int,
+                  world_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """load_dataset for the U-Net of --preset, on the device; under DDP rank 0 downloads first."""
     if rank != 0:
         dist.barrier()
     size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
@@ -415,7 +416,7 @@ def training_data(args, rank: int, world_size: int) -> tuple[torch.Tensor, torch
     if len(images) < args.batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
     args.epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))  # a folder's default
-    return images, labels, class_names
+    return images.to(device), labels.to(device), class_names
 
 
 def build_run(config: dict, ckpt: dict | None, args, device: torch.device,
