@@ -44,9 +44,8 @@ from tqdm import tqdm
 
 from unet import PRESETS, UNet
 
-# Defaults per dataset (flags override): a CPU-friendly network for 28×28 images; the paper's CIFAR-10
-# setup (lr 2e-4, 5000 warmup steps, 800k steps of batch 128); a folder: ~360,000 images, as 6 epochs
-# of Fashion-MNIST. Flips where a mirrored image is as real as the original.
+# Defaults per dataset (flags override): a CPU-sized network for 28×28; the paper's CIFAR-10 setup
+# (800k steps of batch 128); a folder sees as many images as 6 epochs of Fashion-MNIST.
 DATASET_DEFAULTS = {
     "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
@@ -54,14 +53,14 @@ DATASET_DEFAULTS = {
     "folder": dict(preset="small", epochs=None, lr=1e-3, warmup=200, flip=True),
 }
 IMAGES_PER_FOLDER_RUN = 360_000
-FOLDER_SIZE = 64    # a folder's default --image-size is at most this: a laptop can train 64×64
+FOLDER_SIZE = 64    # a folder's default --image-size is at most this: a laptop size
 EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
-CKPT_EVERY = 500    # steps between checkpoints (at most; or each epoch); a sample grid every epoch or so
-MAX_BAD_STEPS = 20  # stop after this many steps in a row with a NaN/inf gradient (all skipped)
+CKPT_EVERY = 500    # most steps between checkpoints (or each epoch) and between sample grids
+MAX_BAD_STEPS = 20  # stop after this many skipped steps in a row (NaN/inf gradients)
 
 
-# ----------------------------------------------------------------------------- noise schedule
+# --- noise schedule
 
 class Schedule:
     """β_t and what derives from it, for t = 0..T-1: computed in float64, stored in float32. Plain
@@ -85,16 +84,11 @@ class Schedule:
             v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev, posterior_var))
 
 
-def expand(coef: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """coef[t] for a batch of timesteps, shaped (B, 1, 1, 1) to broadcast over images."""
-    return coef[t][:, None, None, None]
-
-
-# ----------------------------------------------------------------------------- forward process, loss
+# --- forward process, loss
 
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
-    alpha_bar = expand(sched.alpha_bar, t)
+    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1): one per image
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
@@ -114,7 +108,7 @@ def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tens
     return torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null_label, y)
 
 
-# ----------------------------------------------------------------------------- Algorithm 1: training
+# --- Algorithm 1: training
 
 def update_ema(ema: UNet, model, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
@@ -143,7 +137,7 @@ def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedu
     return loss.detach(), True
 
 
-# ----------------------------------------------------------------------------- guidance, sampler
+# --- guidance, sampler
 
 SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
@@ -222,18 +216,17 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, y: torch.
     return x
 
 
-# ----------------------------------------------------------------------------- data
+# --- data
 
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what Pillow raises for a bad file
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # Pillow's errors for a bad file
 
 
-def load_dataset(name: str, data_dir: str, image_size: int | None = None,
-                 size_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The training images as uint8 (N, C, H, W), kept whole in memory, their labels and the class
-    names: a torchvision dataset, or a folder (load_folder). image_size: default the data's own."""
+def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_multiple: int = 1):
+    """The images as uint8 (N, C, H, W), all in memory, their labels and the class names, of a
+    torchvision dataset or a folder (load_folder). image_size: default the data's own."""
     if name not in DATASETS:
         return load_folder(Path(name), image_size, size_multiple)
     dataset_class = DATASETS[name]
@@ -246,8 +239,8 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None,
     try:
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
-        raise SystemExit(f"error: could not load or download {name} ({e}); offline, put the unpacked "
-                         f"IDX files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})") from None
+        raise SystemExit(f"error: could not load or download {name} ({e}); offline, put its unpacked "
+                         f"files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})") from None
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
     if image_size and image_size != images.shape[-1]:
@@ -256,12 +249,10 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None,
     return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
 
 
-def load_folder(root: Path, image_size: int | None,
-                size_multiple: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Every image file under root (recursively), centre-cropped to a square and resized to
-    image_size: by default the median short side, at most FOLDER_SIZE, a multiple of size_multiple
-    (the U-Net halves it). Smaller files and unreadable ones are skipped. Colour if any file has
-    colour; transparent pixels become white. Label: the first-level subfolder (-1: none)."""
+def load_folder(root: Path, image_size: int | None, size_multiple: int):
+    """Every image under root, centre-cropped to a square of image_size: by default the median short
+    side, at most FOLDER_SIZE, a multiple of size_multiple. Smaller and unreadable files are skipped.
+    Transparent pixels become white. Label: the first-level subfolder (-1: none)."""
     if not root.is_dir():
         raise SystemExit(f"error: --dataset {root}: neither {', '.join(DATASETS)} nor a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -296,18 +287,18 @@ def load_folder(root: Path, image_size: int | None,
 
 
 def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1]; random horizontal flips when asked (--flip)."""
+    """uint8 [0, 255] → float [−1, 1], randomly mirrored if flip."""
     x = images.float() / 127.5 - 1
     if flip:
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     return x
 
 
-# ----------------------------------------------------------------------------- training run
+# --- training run
 
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
-    """train_step over the data, --epochs times (or --max-steps). Rank 0 writes the checkpoint,
-    log.csv, loss.png and sample grids to --out. Ctrl-C saves and stops; --resume continues."""
+    """train_step over the data for --epochs (or --max-steps). Rank 0 writes the checkpoint,
+    log.csv, loss.png and grids to --out. Ctrl-C saves and stops."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     ckpt = checkpoint_to_resume(ckpt_path, args)
     images, labels, class_names = training_data(args, device, rank, world_size)
@@ -388,7 +379,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
 
 
 def checkpoint_to_resume(ckpt_path: Path, args) -> dict | None:
-    """The checkpoint to continue from, or None to start fresh; never overwrites a run by accident."""
+    """The checkpoint to continue from, or None; never overwrites a run by accident."""
     if args.resume or (args.auto_resume and ckpt_path.is_file()):
         return load_checkpoint(ckpt_path, for_training=True)[1]
     if ckpt_path.is_file() and not args.overwrite:
@@ -397,9 +388,8 @@ def checkpoint_to_resume(ckpt_path: Path, args) -> dict | None:
     return None
 
 
-def training_data(args, device: torch.device, rank: int,
-                  world_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """load_dataset for the U-Net of --preset, on the device; under DDP rank 0 downloads first."""
+def training_data(args, device: torch.device, rank: int, world_size: int):
+    """load_dataset for the U-Net of --preset, on the device; under DDP, rank 0 downloads first."""
     if rank != 0:
         dist.barrier()
     size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
@@ -421,14 +411,13 @@ def training_data(args, device: torch.device, rank: int,
 
 def build_run(config: dict, ckpt: dict | None, args, device: torch.device,
               rank: int) -> tuple[UNet, UNet, torch.optim.Optimizer, dict]:
-    """The network, its EMA copy, AdamW and the run's counters: new, or as the checkpoint left them
-    (a resumed run continues bit for bit)."""
-    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower.
+    """The network, its EMA copy, AdamW and the run's counters: new, or as the checkpoint left them."""
+    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    run = dict(step=0, elapsed=0.0, skipped=0)  # what the checkpoint carries besides weights and RNG
+    run = dict(step=0, elapsed=0.0, skipped=0)  # counters the checkpoint carries
     if ckpt is not None:
         if ckpt["config"] != config:
             raise SystemExit(f"error: cannot resume {ckpt['config']} with flags that give {config}")
@@ -439,7 +428,7 @@ def build_run(config: dict, ckpt: dict | None, args, device: torch.device,
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        if rank > 0:  # every DDP rank needs noise of its own: exact replay holds for one process
+        if rank > 0:  # each DDP rank needs its own noise; exact replay holds for one process
             torch.manual_seed(args.seed + rank + run["step"])
     return model, ema, optimizer, run
 
@@ -450,9 +439,8 @@ def rng_state(device: torch.device) -> dict:
 
 
 def catch_stop_signals(world_size: int) -> list:
-    """Ctrl-C (or SIGTERM, in one process) is noted in the returned list: the loop saves and stops
-    (under DDP all ranks together); a second one stops at once. Under torchrun, SIGTERM means a
-    worker died: waiting for it would hang, so it stops at once, and --auto-resume continues."""
+    """Ctrl-C (and SIGTERM in one process) is noted in the returned list: train saves and stops; a
+    second one stops at once. Under torchrun SIGTERM means a worker died: stop at once."""
     stop_signals = []
 
     def request_stop(signum, _frame):
@@ -465,24 +453,23 @@ def catch_stop_signals(world_size: int) -> list:
 
 
 def lock_out_dir(out: Path):
-    """One training run per --out: a lock on <out>/lock until the returned file is closed, released
-    by the OS when the process dies, even by kill -9 (POSIX only). Removes a kill's ckpt.pt.tmp."""
+    """One training run per --out: a lock on <out>/lock, released by the OS when the process dies,
+    even by kill -9 (POSIX only). Removes a killed run's ckpt.pt.tmp."""
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / "lock", "w")
     if fcntl is not None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"error: another run is training in {out} (it holds {out / 'lock'}); "
-                             f"wait for it to end, or choose another --out") from None
+            raise SystemExit(f"error: another run is training in {out}: wait for it, or choose another --out")
     (out / "ckpt.pt.tmp").unlink(missing_ok=True)
     return handle
 
 
 def open_log(path: Path, step: int):
-    """log.csv as a csv.writer, written through by line; on resume it keeps the rows up to the step."""
+    """log.csv, written line by line; on resume it keeps the rows up to the step."""
     rows = list(csv.reader(path.read_text().splitlines()))[1:] if step > 0 and path.is_file() else []
-    log = csv.writer(open(path, "w", buffering=1, newline=""), lineterminator="\n")  # buffering=1: by line
+    log = csv.writer(open(path, "w", buffering=1, newline=""), lineterminator="\n")
     log.writerow(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"])
     log.writerows(row for row in rows if int(row[0]) <= step)
     return log
@@ -499,10 +486,9 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
         return
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(figsize=(7, 4), layout="tight")
+    fig, ax = plt.subplots(layout="tight")
     ax.plot([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows])
     ax.set(xlabel="step", ylabel="L_simple (MSE of ε)", yscale="log")
-    ax.grid(alpha=0.3)
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
@@ -529,11 +515,11 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path, frames: l
     return images
 
 
-# ----------------------------------------------------------------------------- checkpoints and outputs
+# --- checkpoints and outputs
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a temporary file, flush it to disk, then rename it over the old checkpoint: a kill or a
-    full disk at any moment leaves the previous checkpoint whole. Non-finite weights are refused."""
+    """A temporary file, flushed to disk, then renamed over the old checkpoint: a kill or a full disk
+    at any moment leaves the previous one whole. Non-finite weights are refused."""
     weights = [v for key in ("model", "ema") if key in state for v in state[key].values()]
     if not all(torch.isfinite(v).all() for v in weights if v.is_floating_point()):
         raise SystemExit(f"error: the weights are NaN or inf: not overwriting {path}")
@@ -557,24 +543,16 @@ def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet,
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ema = UNet(**ckpt["config"]["unet"]).eval()
         ema.load_state_dict(ckpt["ema"])
-        Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"])
-    except Exception as e:  # truncated zip, foreign pickle, missing keys, ...: one line, no traceback
-        raise SystemExit(f"error: cannot load {path}: not a checkpoint of these scripts, or refused as "
-                         f"unsafe ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+    except Exception as e:  # truncated, foreign, unsafe, ...: one line, no traceback
+        raise SystemExit(f"error: cannot load {path}: not a checkpoint of these scripts "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
     if for_training and "optimizer" not in ckpt:
         raise SystemExit(f"error: cannot resume from {path}: it holds no optimizer (made by --export)")
     return ema, ckpt
 
 
-def export(args) -> None:
-    """A sampling-only copy of a checkpoint: EMA weights and config (a third the size)."""
-    ckpt = load_checkpoint(args.ckpt)[1]
-    save_checkpoint(Path(args.export), {key: ckpt[key] for key in ("ema", "config", "step", "args")})
-    print(f"wrote {args.export}: the EMA weights of {args.ckpt} at step {ckpt['step']}")
-
-
 def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
-    """The reverse process as an animation: one grid of the first n samples per recorded step."""
+    """The reverse process as an animation of the first n samples."""
     grids = [make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(n))) for x in frames]
     pictures = [to_pil_image(grid) for grid in grids]
     durations = [60] * (len(pictures) - 1) + [2000]  # hold the final samples
@@ -596,10 +574,8 @@ def sample_only(args, device: torch.device) -> None:
     out.mkdir(parents=True, exist_ok=True)
     args.sample_steps = checked_sample_steps(args.sample_steps, sched.T)
     labels = grid_labels(args.n_samples, ema.num_classes, args.class_label)
-    start_time = time.perf_counter()
     images = save_samples(ema, sched, args.n_samples, args, out / "samples.png", y=labels)
-    seconds = time.perf_counter() - start_time
-    print(f"wrote {out / 'samples.png'}: {len(images)} samples in {seconds:.1f} s")
+    print(f"wrote {out / 'samples.png'}")
     print_columns(class_names, args.class_label)
     if args.save_pngs:
         Path(args.save_pngs).mkdir(parents=True, exist_ok=True)
@@ -652,7 +628,7 @@ def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class:
     save_image(torch.cat(rows), path, nrow=len(y))
 
 
-# ----------------------------------------------------------------------------- command line
+# --- command line
 
 def checked_sample_steps(steps: int | None, T: int) -> int:
     """--sample-steps against the model's T (known only after loading a checkpoint): default 50."""
@@ -662,7 +638,7 @@ def checked_sample_steps(steps: int | None, T: int) -> int:
 
 
 def pick_device(name: str) -> torch.device:
-    """--device: auto picks cuda, then mps, then cpu; a named device that is not there is an error."""
+    """auto: cuda, else mps, else cpu; a named device that is not there is an error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -678,8 +654,7 @@ def positive_int(text: str) -> int:  # argparse type
 
 
 def bf16_is_native(device: torch.device) -> bool:
-    """bf16 autocast is fast on Ampere and newer GPUs and on CPUs with AVX-512 BF16 or AMX (1.7× at
-    28×28). The CPU checks are private helpers: where missing, float32."""
+    """Ampere or newer GPUs, CPUs with AVX-512 BF16 or AMX (1.7× faster at 28×28); torch's private checks."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
     checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("avx512_bf16", "amx_tile")]
@@ -688,28 +663,28 @@ def bf16_is_native(device: torch.device) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion, cifar10, or a folder of images")
-    p.add_argument("--data-dir", default="./data", help="where torchvision datasets are (or go)")
-    p.add_argument("--image-size", type=positive_int, help="default: the data's own (see load_folder)")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion, cifar10 or a folder")
+    p.add_argument("--data-dir", default="./data", help="torchvision's datasets")
+    p.add_argument("--image-size", type=positive_int, help="default: the data's own")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="global, split over DDP processes")
-    p.add_argument("--lr", type=float, help="peak learning rate, after a linear warmup")
-    p.add_argument("--warmup", type=positive_int, help="warmup steps")
-    p.add_argument("--preset", choices=PRESETS, help="U-Net size (unet.py)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global, over all DDP processes")
+    p.add_argument("--lr", type=float, help="after a linear warmup")
+    p.add_argument("--warmup", type=positive_int, help="steps")
+    p.add_argument("--preset", choices=PRESETS, help="U-Net size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/cfg", help="the run's folder")
     fresh_or_not = p.add_mutually_exclusive_group()
     fresh_or_not.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    fresh_or_not.add_argument("--auto-resume", action="store_true", help="--resume if there is a checkpoint")
-    fresh_or_not.add_argument("--overwrite", action="store_true", help="start afresh over <out>/ckpt.pt")
+    fresh_or_not.add_argument("--auto-resume", action="store_true", help="--resume if there is one")
+    fresh_or_not.add_argument("--overwrite", action="store_true", help="start afresh")
     p.add_argument("--sample-only", action="store_true", help="no training: sample --ckpt")
-    p.add_argument("--ckpt", help="checkpoint to sample or export; default <out>/ckpt.pt")
+    p.add_argument("--ckpt", help="default <out>/ckpt.pt")
     p.add_argument("--n-samples", type=positive_int, default=64)
-    p.add_argument("--save-pngs", metavar="DIR", help="with --sample-only: one PNG per sample")
-    p.add_argument("--export", metavar="PATH", help="no training: copy --ckpt's EMA weights and config")
+    p.add_argument("--save-pngs", metavar="DIR", help="one PNG per sample")
+    p.add_argument("--export", metavar="PATH", help="no training: copy --ckpt's EMA weights")
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--sample-steps", type=positive_int, help="sampler steps S ≤ T; default 50 (T if smaller)")
@@ -725,7 +700,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=2.0, help="w of CFG eq. 6 (diffusers' scale is 1+w)")
     p.add_argument("--class", dest="class_label", metavar="K", help="sample class K (index or name) only")
     p.add_argument("--sweep", action="store_true", help="with --sample-only: also write guidance_sweep.png")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: if native)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast; default: if native")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
     for key, value in DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["folder"]).items():
@@ -753,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if world_size > 1:  # started by torchrun: one process per GPU, or gloo on the CPU
         if args.sample_only or args.export or args.batch_size % world_size:
-            raise SystemExit("error: under torchrun, --batch-size must divide by the processes; sample alone")
+            raise SystemExit("error: under torchrun, train only, with a --batch-size the processes divide")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -766,19 +741,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.amp = bf16_is_native(device) if args.amp is None else args.amp
-    try:  # the expected failures end in one line that says what to change
-        if args.export:
-            export(args)
+    try:  # the expected failures end in one line
+        if args.export:  # a sampling-only copy: EMA weights and config, a third the size
+            ckpt = load_checkpoint(args.ckpt)[1]
+            save_checkpoint(Path(args.export), {key: ckpt[key] for key in ("ema", "config", "step", "args")})
+            print(f"wrote {args.export}: the EMA weights of {args.ckpt} at step {ckpt['step']}")
         elif args.sample_only:
             sample_only(args, device)
         else:
             with lock_out_dir(Path(args.out)) if rank == 0 else contextlib.nullcontext():
                 train(args, device, rank, world_size)
-    except (RuntimeError, MemoryError) as e:  # out of memory: torch.OutOfMemoryError, or a CPU's RuntimeError
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or a CPU's RuntimeError
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
             raise
-        message = f"out of memory on {device}: try a smaller --batch-size or --image-size"
-        raise SystemExit(f"error: {message}") from None
+        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size") from None
     except OSError as e:  # a full disk, a folder without write permission, ...
         raise SystemExit(f"error: {e}") from None
     if world_size > 1:

@@ -38,7 +38,7 @@ def gaussian_eps(sched, mu: float, s: float):
     x_t = √ᾱ x0 + √(1−ᾱ) ε  ⇒  E[ε | x_t] = √(1−ᾱ) (x_t − √ᾱ mu) / (ᾱ s² + 1 − ᾱ).
     """
     def model(x, t, y=None):
-        alpha_bar = ddpm.expand(sched.alpha_bar, t)
+        alpha_bar = sched.alpha_bar[t][:, None, None, None]
         return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * mu) / (alpha_bar * s**2 + 1 - alpha_bar)
     return model
 
@@ -734,9 +734,9 @@ def test_p_uncond_must_be_a_probability(p_uncond, capsys):
 # The scaffolding is repeated on purpose, so that `diff ddpm.py ddim.py` shows only what DDIM changes
 # and `diff ddim.py cfg.py` only guidance. This keeps it so: it names the function that drifted.
 SHARED = {
-    (ddpm, ddim, cfg): ["Schedule", "expand", "q_sample", "load_dataset", "load_folder", "to_model_range",
+    (ddpm, ddim, cfg): ["Schedule", "q_sample", "load_dataset", "load_folder", "to_model_range",
                         "update_ema", "checkpoint_to_resume", "build_run", "catch_stop_signals",
-                        "lock_out_dir", "open_log", "plot_log", "save_checkpoint", "load_checkpoint", "export",
+                        "lock_out_dir", "open_log", "plot_log", "save_checkpoint", "load_checkpoint",
                         "save_gif", "pick_device", "positive_int", "bf16_is_native", "main"],
     (ddpm, ddim): ["diffusion_loss", "train_step", "train", "training_data"],
     (ddim, cfg): ["step_grid", "checked_sample_steps"],
