@@ -306,12 +306,11 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     """train_step over the data for --epochs (or --max-steps). Rank 0 writes the checkpoint,
     log.csv, loss.png and grids to --out. Ctrl-C saves and stops."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
-    ckpt = checkpoint_to_resume(ckpt_path, args)
     images, labels, class_names = training_data(args, device, rank, world_size)
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset])
     config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps, dataset=args.dataset)
     sched = Schedule(args.timesteps, args.schedule, device)
-    model, ema, optimizer, run = build_run(config, ckpt, args, device, rank)
+    model, ema, optimizer, run = build_run(config, ckpt_path, args, device)
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
     steps_per_epoch = len(images) // args.batch_size
@@ -321,7 +320,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     if rank == 0:
         log = open_log(out / "log.csv", run["step"])
         print(f"{len(images)} images {tuple(images.shape[1:])}, {total_steps} steps of {args.batch_size} on "
-              f"{device} × {world_size}" + (f", resuming at step {run['step']}" if ckpt else ""))
+              f"{device} × {world_size}" + (f", resuming at step {run['step']}" if run["step"] else ""))
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0, dynamic_ncols=True)
     totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
     step = timer_step = run["step"]
@@ -332,6 +331,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
             order_epoch = epoch
         batch = order[index_in_epoch * args.batch_size:][:args.batch_size].chunk(world_size)[rank]
+        torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise: the same again on resume
         x0 = to_model_range(images[batch.to(device)], args.flip)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
         loss, applied = train_step(train_model, ema, optimizer, sched, x0, step, lr, args.amp)
@@ -361,8 +361,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             timer, timer_step = time.perf_counter(), step
         if rank == 0 and (stop or step == total_steps or step % min(CKPT_EVERY, steps_per_epoch) == 0):
             weights = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict())
-            save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), rng=rng_state(device),
-                                            **run))
+            save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), **run))
         if rank == 0 and not stop and step % grid_every == 0 and step < total_steps:
             sampling_start = time.perf_counter()
             save_samples(ema, sched, 16, args, out / f"samples_epoch{epoch + 1}.png")
@@ -379,16 +378,6 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         save_gif(frames, out / "reverse.gif")
 
 
-def checkpoint_to_resume(ckpt_path: Path, args) -> dict | None:
-    """The checkpoint to continue from, or None; never overwrites a run by accident."""
-    if args.resume or (args.auto_resume and ckpt_path.is_file()):
-        return load_checkpoint(ckpt_path, for_training=True)[1]
-    if ckpt_path.is_file() and not args.overwrite:
-        raise SystemExit(f"error: {ckpt_path.parent} holds a training run: continue it with --resume, "
-                         f"start over with --overwrite, or choose another --out")
-    return None
-
-
 def training_data(args, device: torch.device, rank: int, world_size: int):
     """load_dataset for the U-Net of --preset, on the device; under DDP, rank 0 downloads first."""
     if rank != 0:
@@ -403,33 +392,27 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     return images.to(device), labels, class_names
 
 
-def build_run(config: dict, ckpt: dict | None, args, device: torch.device,
-              rank: int) -> tuple[UNet, UNet, torch.optim.Optimizer, dict]:
-    """The network, its EMA copy, AdamW and the run's counters: new, or as the checkpoint left them."""
+def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
+    """The network, its EMA copy, AdamW and the run's counters: new, or as the checkpoint left them
+    with --resume. Never overwrites a run by accident."""
+    if ckpt_path.is_file() and not (args.resume or args.auto_resume or args.overwrite):
+        raise SystemExit(f"error: {ckpt_path.parent} holds a training run: continue it with --resume, "
+                         f"start over with --overwrite, or choose another --out")
     # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0, fused=device.type == "cuda")
     run = dict(step=0, elapsed=0.0, skipped=0)  # counters the checkpoint carries
-    if ckpt is not None:
+    if args.resume or (args.auto_resume and ckpt_path.is_file()):
+        ckpt = load_checkpoint(ckpt_path, for_training=True)[1]
         if ckpt["config"] != config:
             raise SystemExit(f"error: cannot resume {ckpt['config']} with flags that give {config}")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         run.update({key: ckpt[key] for key in run})
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        if rank > 0:  # each DDP rank needs its own noise; exact replay holds for one process
-            torch.manual_seed(args.seed + rank + run["step"])
     return model, ema, optimizer, run
-
-
-def rng_state(device: torch.device) -> dict:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return dict(cpu=torch.get_rng_state(), cuda=cuda)
 
 
 def catch_stop_signals(world_size: int) -> list:
@@ -472,19 +455,17 @@ def open_log(path: Path, step: int):
 def plot_log(csv_path: Path, png_path: Path) -> None:
     """loss.png: the loss against the step (needs matplotlib)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
     except ImportError:
         print(f"the training record is in {csv_path}; pip install matplotlib to get {png_path.name}")
         return
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(layout="tight")
+    fig = Figure(layout="tight")
+    ax = fig.subplots()
     ax.plot([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows])
     ax.set(xlabel="step", ylabel="L_simple (MSE of ε)", yscale="log")
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,

@@ -735,7 +735,7 @@ def test_p_uncond_must_be_a_probability(p_uncond, capsys):
 # and `diff ddim.py cfg.py` only guidance. This keeps it so: it names the function that drifted.
 SHARED = {
     (ddpm, ddim, cfg): ["Schedule", "q_sample", "load_dataset", "load_folder", "to_model_range",
-                        "update_ema", "checkpoint_to_resume", "build_run", "catch_stop_signals",
+                        "update_ema", "build_run", "catch_stop_signals",
                         "lock_out_dir", "open_log", "plot_log", "save_checkpoint", "load_checkpoint",
                         "save_gif", "pick_device", "positive_int", "bf16_is_native", "main"],
     (ddpm, ddim): ["diffusion_loss", "train_step", "train", "training_data"],
