@@ -1,20 +1,18 @@
 """Classifier-free guidance (Ho & Salimans 2022), in one file.
 
-The idea: train one DDPM network ε_θ(x_t, t, c) on (image, class) pairs, but replace the class by
-a "null" label ∅ for a random 10% of the samples (CFG Algorithm 1), so the same network learns both
-the conditional ε(x_t, c) and the unconditional ε(x_t, ∅). Sampling then extrapolates from the
-unconditional prediction past the conditional one, ε̃ = (1+w)·ε(x_t, c) − w·ε(x_t, ∅): the guidance
-strength w trades diversity for samples that look more like their class, with no classifier.
+Train one DDPM network ε_θ(x_t, t, c) on (image, class) pairs, with the class replaced by a "null"
+label ∅ for a random 10% of the samples (CFG Algorithm 1): the same network learns the conditional
+ε(x_t, c) and the unconditional ε(x_t, ∅). Sampling extrapolates past the conditional prediction,
+ε̃ = (1+w)·ε(x_t, c) − w·ε(x_t, ∅): the guidance strength w trades diversity for samples that look
+more like their class, with no classifier.
 
-    python cfg.py                                      # train on MNIST (downloads it), writes runs/cfg/
-    python cfg.py --dataset fashion                    # Fashion-MNIST (uses Debian's copy when offline)
+    python cfg.py                                      # MNIST (downloads it); writes runs/cfg/
+    python cfg.py --dataset fashion                    # Fashion-MNIST (Debian's copy when offline)
     python cfg.py --sample-only --class 3 --guidance 4 # 64 strongly guided samples of class 3
-    python cfg.py --sample-only --sample-steps 1000 --eta 1   # DDPM's ancestral sampler (σ² = β̃)
     torchrun --nproc_per_node=4 cfg.py --dataset cifar10   # several GPUs (DDP)
 
-Equation numbers in the sampler are the DDIM paper's, "CFG eq. N" and "CFG Algorithm N" are
-Ho & Salimans'; the training code is ddpm.py's and keeps the DDPM paper's. Code timesteps
-t = 0..T-1 are the paper's t = 1..T.
+Equation numbers are the DDIM paper's in the sampler ("CFG eq. N": Ho & Salimans'), the DDPM
+paper's in the training code. Code timesteps t = 0..T-1 are the paper's t = 1..T.
 """
 import argparse
 import contextlib
@@ -61,7 +59,6 @@ MAX_BAD_STEPS = 20  # stop after this many skipped steps in a row (NaN/inf gradi
 
 
 # --- noise schedule
-
 class Schedule:
     """β_t and what derives from it, for t = 0..T-1: computed in float64, stored in float32. Plain
     tensors, not parameters or buffers of the network, so the EMA never averages them."""
@@ -78,14 +75,12 @@ class Schedule:
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)                        # ᾱ_t = Π_{s≤t} α_s
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        posterior_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)  # β̃_t, eq. 7
         self.T = T
-        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev, self.posterior_var = (
-            v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev, posterior_var))
+        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev = (
+            v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev))
 
 
 # --- forward process, loss
-
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
     alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1): one per image
@@ -101,15 +96,12 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor, y: torch.Tensor) ->
 
 
 def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
-    """CFG Algorithm 1: each label independently becomes ∅ with probability p_uncond.
-
-    Per sample, not per batch: every batch then trains the conditional and the unconditional model.
-    """
+    """CFG Algorithm 1: each label becomes ∅ with probability p_uncond, per sample, not per batch:
+    every batch trains the conditional and the unconditional model."""
     return torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null_label, y)
 
 
 # --- Algorithm 1: training
-
 def update_ema(ema: UNet, model, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
     decay = min(EMA_DECAY, (1 + step) / (10 + step))
@@ -138,20 +130,14 @@ def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedu
 
 
 # --- guidance, sampler
-
 SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
 
 def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
-    """The timesteps the sampler visits (the paper's τ, Sec. 4.2), from the noisiest down to 0.
-
-    "uniform" and "quad": t_i = i + round((T − S)·f(u_i)), u_i = i/(S−1), i = S−1, ..., 0, for
-    S = steps. f(u) = u is round(linspace(T−1, 0, S)); f(u) = u² puts more steps at low noise, where
-    the details are made. The "i +" keeps neighbours apart and makes S = T give T−1, ..., 0. They
-    start at T−1, where x_T is pure noise; S = 1 gives [T−1]: noise to x̂0 in one step.
-    "official-*" are the grids of the DDIM paper's code: range(0, T, T // S) (980, ..., 0 for
-    T = 1000, S = 50) and int(linspace(0, √(0.8·T), S)²) (800 down to 0). All end at 0.
-    """
+    """The S = steps timesteps the sampler visits (the paper's τ, Sec. 4.2), from T−1 down to 0.
+    "uniform", "quad": t_i = i + round((T − S)·f(i/(S−1))), i = S−1..0, f(u) = u or u² (more steps at
+    low noise, where details are made); the "i +" keeps neighbours apart, so S = T gives T−1..0.
+    "official-*": the DDIM code's grids, range(0, T, T // S) and int(linspace(0, √(0.8·T), S)²)."""
     if not 1 <= steps <= T:
         raise ValueError(f"need 1 <= steps <= T = {T}, got {steps}")
     if skip == "official-uniform":
@@ -166,11 +152,8 @@ def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float,
                null_label: int) -> torch.Tensor:
-    """CFG eq. 6: ε̃ = (1+w)·ε(x_t, c) − w·ε(x_t, ∅), w = guidance (0: the plain conditional model).
-
-    Libraries such as diffusers use guidance_scale s = 1+w, ε̃ = ε(x_t, ∅) + s·(ε(x_t, c) − ε(x_t, ∅)).
-    Both predictions come from one forward pass of a batch of 2B: [x, x] with labels [y, ∅].
-    """
+    """CFG eq. 6: ε̃ = (1+w)·ε(x_t, c) − w·ε(x_t, ∅), w = guidance (0: the plain conditional model;
+    diffusers' guidance_scale is 1+w). Both predictions in one batch of 2B: [x, x] with labels [y, ∅]."""
     if guidance == 0:  # ε̃ = ε(x_t, c): the unconditional half would be multiplied by 0
         return model(x, t, y).float()
     eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]),
@@ -180,21 +163,13 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidanc
 
 @torch.inference_mode()
 def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, y: torch.Tensor, *,
-           guidance: float, null_label: int, eta: float = 0.0,
-           skip: str = "uniform", generator: torch.Generator | None = None,
-           x_T: torch.Tensor | None = None, frames: list | None = None,
+           guidance: float, null_label: int, eta: float = 0.0, skip: str = "uniform",
+           generator: torch.Generator | None = None, frames: list | None = None,
            progress: bool = False) -> torch.Tensor:
-    """The generalized sampler of eq. 12 on step_grid(T, steps, skip), with the guided ε̃
-    of classes y (CFG eq. 6, strength w = guidance) in place of ε_θ: x_T ~ N(0, I) → x0.
-
-    eta scales σ (eq. 16): η = 0 is DDIM, deterministic given x_T; η = 1 with steps = T is
-    ddpm.py's ancestral sampler with σ² = β̃ (--variance posterior), drawing the same noise in
-    the same order. x_T: start from this latent instead of drawing one (then shape = x_T.shape).
-    x̂0 is clipped to [−1, 1] and ε re-derived from it, as in ddpm.py.
-    frames: if a list is given, x_t is appended to it (on the CPU) about 50 times, for a GIF.
-    """
+    """ddim.py's sampler (eq. 12 on step_grid(T, steps, skip), η scaling σ), with the guided ε̃ of
+    classes y (CFG eq. 6) in place of ε_θ. x̂0 is clipped and ε re-derived. frames: see ddpm.py."""
     device = sched.betas.device
-    x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device)
+    x = torch.randn(shape, device=device, generator=generator)
     grid = step_grid(sched.T, steps, skip)
     one = torch.ones((), device=device)
     for i, t in enumerate(tqdm(grid, desc="sampling", disable=not progress, leave=False)):
@@ -217,7 +192,6 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, y: torch.
 
 
 # --- data
-
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -240,7 +214,7 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_m
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
         raise SystemExit(f"error: could not load or download {name} ({e}); offline, put its unpacked "
-                         f"files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})") from None
+                         f"files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})")
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
     if image_size and image_size != images.shape[-1]:
@@ -295,7 +269,6 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 # --- training run
-
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
     """train_step over the data for --epochs (or --max-steps). Rank 0 writes the checkpoint,
     log.csv, loss.png and grids to --out. Ctrl-C saves and stops."""
@@ -381,21 +354,20 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     """load_dataset for the U-Net of --preset, on the device; under DDP, rank 0 downloads first."""
     if rank != 0:
         dist.barrier()
-    size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
-    images, labels, class_names = load_dataset(args.dataset, args.data_dir, args.image_size, size_multiple)
+    images, labels, classes = load_dataset(args.dataset, args.data_dir, args.image_size, args.size_multiple)
     if world_size > 1 and rank == 0:
         dist.barrier()
-    if not class_names:
+    if not classes:
         raise SystemExit(f"error: cfg.py learns classes: put the images under {args.dataset} in one "
                          f"subfolder per class (the subfolder's name is the class)")
     if (labels < 0).any():
         print(f"left out {(labels < 0).sum().item()} image(s) directly in {args.dataset}: they have no class")
         images, labels = images[labels >= 0], labels[labels >= 0]
-    args.class_label = class_index(args.class_label, class_names)
+    args.class_label = class_index(args.class_label, classes)
     if len(images) < args.batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
     args.epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))  # a folder's default
-    return images.to(device), labels.to(device), class_names
+    return images.to(device), labels.to(device), classes
 
 
 def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
@@ -429,7 +401,6 @@ def catch_stop_signals(world_size: int) -> list:
     def request_stop(signum, _frame):
         stop_signals.append(signum)
         signal.signal(signum, signal.SIG_DFL)
-
     for signum in (signal.SIGINT, signal.SIGTERM) if world_size == 1 else (signal.SIGINT,):
         signal.signal(signum, request_stop)
     return stop_signals
@@ -476,9 +447,8 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
 
 def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path, frames: list | None = None,
                  y: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
-    """n samples of the EMA network from the same noise each call, in batches of --batch-size, as
-    [0, 1] images on the CPU; their grid (at most 16×16, a column per class) goes to path. Classes y
-    (default: grid_labels), guided with strength w = guidance (default --guidance). frames: see sample."""
+    """n samples of the EMA network, the same noise each call, as [0, 1] images on the CPU; their grid
+    (at most 16×16, a column per class) goes to path. Classes y: default grid_labels; guidance: w."""
     y = grid_labels(n, ema.num_classes, args.class_label) if y is None else y
     guidance = args.guidance if guidance is None else guidance
     generator = torch.Generator(sched.betas.device).manual_seed(args.seed)
@@ -492,12 +462,12 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path, frames: l
                        frames=frames if start == 0 else None, progress=True)
         images.append((x.float().cpu() + 1) / 2)
     images = torch.cat(images)
-    save_image(images[:256], path, nrow=grid_width(min(256, len(y)), ema.num_classes, args.class_label))
+    width = ema.num_classes if args.class_label is None else math.ceil(math.sqrt(min(256, len(y))))
+    save_image(images[:256], path, nrow=width)  # a column per class, or a square of one class
     return images
 
 
 # --- checkpoints and outputs
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """A temporary file, flushed to disk, then renamed over the old checkpoint: a kill or a full disk
     at any moment leaves the previous one whole. Non-finite weights are refused."""
@@ -513,7 +483,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk, no permission, ...
         tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact") from None
+        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact")
 
 
 def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet, dict]:
@@ -526,7 +496,7 @@ def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet,
         ema.load_state_dict(ckpt["ema"])
     except Exception as e:  # truncated, foreign, unsafe, ...: one line, no traceback
         raise SystemExit(f"error: cannot load {path}: not a checkpoint of these scripts "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})")
     if for_training and "optimizer" not in ckpt:
         raise SystemExit(f"error: cannot resume from {path}: it holds no optimizer (made by --export)")
     return ema, ckpt
@@ -541,8 +511,7 @@ def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
 
 
 def sample_only(args, device: torch.device) -> None:
-    """args.n_samples samples of --ckpt's EMA network: a grid, and PNGs if asked; with --sweep, the
-    guidance sweep too."""
+    """args.n_samples samples of --ckpt's EMA network: a grid, PNGs if asked, and --sweep's picture."""
     ema, ckpt = load_checkpoint(args.ckpt)
     ema = ema.to(device)
     if not ema.num_classes:
@@ -569,7 +538,7 @@ def sample_only(args, device: torch.device) -> None:
 
 
 def class_index(class_arg: str | None, class_names: list[str]) -> int | None:
-    """--class K or --class NAME: the index of one of the classes the data (or checkpoint) has."""
+    """--class K or --class NAME: the index of one of the classes."""
     if class_arg is None:
         return None
     if class_arg in class_names:
@@ -591,17 +560,12 @@ def grid_labels(n: int, num_classes: int, class_label: int | None) -> torch.Tens
     return torch.full((n,), class_label) if class_label is not None else torch.arange(n) % num_classes
 
 
-def grid_width(n: int, num_classes: int, class_label: int | None) -> int:
-    """Images per grid row: one column per class, or a square grid of --class K."""
-    return math.ceil(math.sqrt(n)) if class_label is not None else num_classes
-
-
 GUIDANCE_SWEEP = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
 def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class: int = 3) -> None:
-    """One row per w of GUIDANCE_SWEEP: per_class samples of each class side by side (or of
-    --class K). Every row starts from the same noise: the rows differ only in w."""
+    """A row per w of GUIDANCE_SWEEP, per_class samples of each class (or of --class K), every row
+    from the same noise: the rows differ only in w."""
     n = per_class * ema.num_classes
     y = (torch.arange(ema.num_classes).repeat_interleave(per_class) if args.class_label is None
          else torch.full((n,), args.class_label))
@@ -610,9 +574,8 @@ def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class:
 
 
 # --- command line
-
 def checked_sample_steps(steps: int | None, T: int) -> int:
-    """--sample-steps against the model's T (known only after loading a checkpoint): default 50."""
+    """--sample-steps, default 50, against the model's T."""
     if steps is not None and steps > T:
         raise SystemExit(f"error: --sample-steps {steps} is more than the model's T = {T} timesteps")
     return steps or min(50, T)
@@ -625,7 +588,7 @@ def pick_device(name: str) -> torch.device:
     try:
         return torch.empty(0, device=name).device  # fails for a device that is not there
     except (RuntimeError, AssertionError) as e:
-        raise SystemExit(f"error: --device {name}: {str(e).strip().splitlines()[0]}") from None
+        raise SystemExit(f"error: --device {name}: {str(e).strip().splitlines()[0]}")
 
 
 def positive_int(text: str) -> int:  # argparse type
@@ -668,16 +631,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", metavar="PATH", help="no training: copy --ckpt's EMA weights")
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--sample-steps", type=positive_int, help="sampler steps S ≤ T; default 50 (T if smaller)")
-    # η = 1 by default: on Fashion-MNIST, η = 0 left about one sample in five speckled after 2 epochs
-    # of training (and a few after 6), η = 1 none; at 20 steps or fewer, η = 0 measured better.
-    p.add_argument("--eta", type=float, default=1.0, help="η in [0, 1]: 0 deterministic DDIM, 1 DDPM-like")
-    p.add_argument("--skip", choices=SKIPS, default="uniform", help="the sampler's timesteps (step_grid)")
+    p.add_argument("--sample-steps", type=positive_int, help="S ≤ T; default 50")
+    # η = 1: on Fashion-MNIST η = 0 left one sample in five speckled after 2 epochs, η = 1 none
+    p.add_argument("--eta", type=float, default=1.0, help="0: deterministic DDIM, 1: DDPM-like")
+    p.add_argument("--skip", choices=SKIPS, default="uniform", help="the sampler's timesteps")
     # Label dropout: the paper found p_uncond 0.1 or 0.2 best, 0.5 clearly worse.
     p.add_argument("--p-uncond", type=float, default=0.1, help="probability of training a label as ∅")
-    # Guidance w = 2 makes the class of every sample unmistakable, which is what a grid is for; it
-    # costs diversity. The paper's best FID came at small w: 0.1 on ImageNet 64×64 (FID 1.55),
-    # 0.3 on 128×128 (FID 2.43); its Inception score grew up to the largest w it tried (4).
+    # w = 2 makes every sample's class unmistakable, as a grid should, at a cost in diversity; the
+    # paper's best FID came at w = 0.1 (ImageNet 64×64) and 0.3 (128×128).
     p.add_argument("--guidance", type=float, default=2.0, help="w of CFG eq. 6 (diffusers' scale is 1+w)")
     p.add_argument("--class", dest="class_label", metavar="K", help="sample class K (index or name) only")
     p.add_argument("--sweep", action="store_true", help="with --sample-only: also write guidance_sweep.png")
@@ -688,16 +649,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.ckpt = args.ckpt or str(Path(args.out) / "ckpt.pt")
-    size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
-    if args.image_size and args.image_size % size_multiple:
-        p.error(f"--image-size must be a multiple of {size_multiple}: the U-Net halves it at each level")
+    args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # the U-Net halves sizes
+    if args.image_size and args.image_size % args.size_multiple:
+        p.error(f"--image-size must be a multiple of {args.size_multiple}: the U-Net halves it at each level")
     if args.lr <= 0:
         p.error("--lr must be positive")
     if not 0 <= args.eta <= 1:
         p.error("--eta must be in [0, 1]")
     if not 0 <= args.p_uncond <= 1:
         p.error("--p-uncond must be a probability, between 0 and 1")
-    if not args.sample_only:  # with --sample-only, T comes from the checkpoint: checked after loading
+    if not args.sample_only:  # else T comes from the checkpoint
         args.sample_steps = checked_sample_steps(args.sample_steps, args.timesteps)
     return args
 
@@ -717,8 +678,8 @@ def main(argv: list[str] | None = None) -> None:
         # reads the dead workers' addresses and fails or hangs (pytorch/pytorch#135712)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"restart{restart}", next(dist.rendezvous("env://"))[0])
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size)
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.amp = bf16_is_native(device) if args.amp is None else args.amp
@@ -735,9 +696,9 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or a CPU's RuntimeError
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
             raise
-        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size") from None
+        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size")
     except OSError as e:  # a full disk, a folder without write permission, ...
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {e}")
     if world_size > 1:
         dist.destroy_process_group()
 

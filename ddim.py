@@ -1,21 +1,18 @@
 """DDIM: Denoising Diffusion Implicit Models (Song, Meng & Ermon 2020), in one file.
 
-The idea: DDPM's loss only involves the marginals q(x_t | x0), never the Markov chain that
-produced them. So a network trained as in ddpm.py also fits a family of non-Markovian processes
-with the same marginals, whose reverse steps may skip timesteps and whose noise σ is free
-(eq. 16, scaled by η ∈ [0, 1]). η = 1 is DDPM-like noise (with all T steps, DDPM's ancestral
-sampler); η = 0 is deterministic, a discretised ODE from x_T to x0: one x_T gives nearly the same
-image at any number of steps, an image can be run back to its x_T (inversion), and latents can be
-interpolated. Either way 50 steps instead of 1000 give good samples. Training is ddpm.py's,
-unchanged, and so is the checkpoint.
+DDPM's loss involves only the marginals q(x_t | x0), so a network trained as in ddpm.py also fits
+non-Markovian processes with the same marginals, whose reverse steps may skip timesteps and whose
+noise σ is free (eq. 16, scaled by η ∈ [0, 1]). η = 1 is DDPM-like; η = 0 is deterministic, an ODE
+from x_T to x0 that can be run backwards (inversion) and between latents (interpolation). 50 steps
+instead of 1000 give good samples. Training and checkpoints are ddpm.py's.
 
     python ddim.py                                         # train as ddpm.py does, sample with DDIM
-    python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt  # 50 steps (η = 1) from a ddpm.py model
+    python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt  # 50 steps (η = 1) of a ddpm.py model
     python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt --sample-steps 20 --eta 0 --skip quad
     python ddim.py --invert --interpolate --ckpt runs/ddpm/ckpt.pt   # inversion.png, interpolation.png
 
-Equation numbers in the sampler are the DDIM paper's; the training code is ddpm.py's and keeps
-the DDPM paper's. Code timesteps t = 0..T-1 are the paper's t = 1..T.
+Equation numbers are the DDIM paper's in the sampler, the DDPM paper's in the training code.
+Code timesteps t = 0..T-1 are the paper's t = 1..T.
 """
 import argparse
 import contextlib
@@ -62,7 +59,6 @@ MAX_BAD_STEPS = 20  # stop after this many skipped steps in a row (NaN/inf gradi
 
 
 # --- noise schedule
-
 class Schedule:
     """β_t and what derives from it, for t = 0..T-1: computed in float64, stored in float32. Plain
     tensors, not parameters or buffers of the network, so the EMA never averages them."""
@@ -79,14 +75,12 @@ class Schedule:
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)                        # ᾱ_t = Π_{s≤t} α_s
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        posterior_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)  # β̃_t, eq. 7
         self.T = T
-        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev, self.posterior_var = (
-            v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev, posterior_var))
+        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev = (
+            v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev))
 
 
 # --- forward process, loss
-
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
     alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1): one per image
@@ -102,7 +96,6 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 
 
 # --- Algorithm 1: training
-
 def update_ema(ema: UNet, model, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
     decay = min(EMA_DECAY, (1 + step) / (10 + step))
@@ -130,20 +123,14 @@ def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedu
 
 
 # --- sampler, inversion
-
 SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
 
 def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
-    """The timesteps the sampler visits (the paper's τ, Sec. 4.2), from the noisiest down to 0.
-
-    "uniform" and "quad": t_i = i + round((T − S)·f(u_i)), u_i = i/(S−1), i = S−1, ..., 0, for
-    S = steps. f(u) = u is round(linspace(T−1, 0, S)); f(u) = u² puts more steps at low noise, where
-    the details are made. The "i +" keeps neighbours apart and makes S = T give T−1, ..., 0. They
-    start at T−1, where x_T is pure noise; S = 1 gives [T−1]: noise to x̂0 in one step.
-    "official-*" are the grids of the DDIM paper's code: range(0, T, T // S) (980, ..., 0 for
-    T = 1000, S = 50) and int(linspace(0, √(0.8·T), S)²) (800 down to 0). All end at 0.
-    """
+    """The S = steps timesteps the sampler visits (the paper's τ, Sec. 4.2), from T−1 down to 0.
+    "uniform", "quad": t_i = i + round((T − S)·f(i/(S−1))), i = S−1..0, f(u) = u or u² (more steps at
+    low noise, where details are made); the "i +" keeps neighbours apart, so S = T gives T−1..0.
+    "official-*": the DDIM code's grids, range(0, T, T // S) and int(linspace(0, √(0.8·T), S)²)."""
     if not 1 <= steps <= T:
         raise ValueError(f"need 1 <= steps <= T = {T}, got {steps}")
     if skip == "official-uniform":
@@ -161,14 +148,9 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, *, eta: f
            skip: str = "uniform", generator: torch.Generator | None = None,
            x_T: torch.Tensor | None = None, frames: list | None = None,
            progress: bool = False) -> torch.Tensor:
-    """The generalized sampler of eq. 12 on step_grid(T, steps, skip): x_T ~ N(0, I) → x0.
-
-    eta scales σ (eq. 16): η = 0 is DDIM, deterministic given x_T; η = 1 with steps = T is
-    ddpm.py's ancestral sampler with σ² = β̃ (--variance posterior), drawing the same noise in
-    the same order. x_T: start from this latent instead of drawing one (then shape = x_T.shape).
-    x̂0 is clipped to [−1, 1] and ε re-derived from it, as in ddpm.py.
-    frames: if a list is given, x_t is appended to it (on the CPU) about 50 times, for a GIF.
-    """
+    """The generalized sampler of eq. 12 on step_grid(T, steps, skip), from x_T (default: drawn).
+    η = 0 is DDIM, deterministic; η = 1 with steps = T is ddpm.py's sampler with σ² = β̃, the same
+    noise in the same order. x̂0 is clipped and ε re-derived, as in ddpm.py. frames: see ddpm.py."""
     device = sched.betas.device
     x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device)
     grid = step_grid(sched.T, steps, skip)
@@ -193,13 +175,9 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, *, eta: f
 
 @torch.inference_mode()
 def invert(model, sched: Schedule, x0: torch.Tensor, steps: int, skip: str = "uniform") -> torch.Tensor:
-    """DDIM inversion (Sec. 5.4): the η = 0 ODE (eq. 14) run the other way, x0 → x_T.
-
-    Each step undoes one step of sample(..., eta=0) on the same grid: from level t_prev up to
-    t, with the same update and the same network call ε_θ(·, t), but fed the x we have (x_{t_prev})
-    instead of the x_t we are solving for. That is the only approximation; it shrinks with the
-    step size. x̂0 is not clipped: we start from data, and at t_prev = -1 (ᾱ = 1) x̂0 = x0 exactly.
-    """
+    """DDIM inversion (Sec. 5.4): the η = 0 ODE (eq. 14) run the other way, x0 → x_T. Each step
+    undoes a step of sample(eta=0), with ε_θ(·, t) fed x_{t_prev} instead of the unknown x_t: the only
+    approximation, smaller with smaller steps. No clipping: at t_prev = -1 (ᾱ = 1), x̂0 = x0."""
     grid = step_grid(sched.T, steps, skip)[::-1]
     one = torch.ones((), device=x0.device)
     x = x0
@@ -213,9 +191,8 @@ def invert(model, sched: Schedule, x0: torch.Tensor, steps: int, skip: str = "un
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Spherical interpolation between batches of latents (Sec. 5.3). A Gaussian x_T lies near the
-    sphere of radius √dim; the straight line between two cuts inside it, to latents of too little
-    noise, and decodes to blurry images. Parallel latents fall back to the straight line."""
+    """Spherical interpolation of latents (Sec. 5.3): a Gaussian x_T lies near the sphere of radius
+    √dim, and a straight line cuts inside it, to latents of too little noise (blurry images)."""
     cos = (a * b).flatten(1).sum(1) / (a.flatten(1).norm(dim=1) * b.flatten(1).norm(dim=1))
     theta = cos.clamp(-1, 1).acos()[:, None, None, None]
     curved = (torch.sin((1 - alpha) * theta) * a + torch.sin(alpha * theta) * b) / torch.sin(theta)
@@ -223,7 +200,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 # --- data
-
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -246,7 +222,7 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_m
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
         raise SystemExit(f"error: could not load or download {name} ({e}); offline, put its unpacked "
-                         f"files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})") from None
+                         f"files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})")
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
     if image_size and image_size != images.shape[-1]:
@@ -301,7 +277,6 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 # --- training run
-
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
     """train_step over the data for --epochs (or --max-steps). Rank 0 writes the checkpoint,
     log.csv, loss.png and grids to --out. Ctrl-C saves and stops."""
@@ -382,14 +357,13 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     """load_dataset for the U-Net of --preset, on the device; under DDP, rank 0 downloads first."""
     if rank != 0:
         dist.barrier()
-    size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
-    images, labels, class_names = load_dataset(args.dataset, args.data_dir, args.image_size, size_multiple)
+    images, labels, classes = load_dataset(args.dataset, args.data_dir, args.image_size, args.size_multiple)
     if world_size > 1 and rank == 0:
         dist.barrier()
     if len(images) < args.batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
     args.epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))  # a folder's default
-    return images.to(device), labels, class_names
+    return images.to(device), labels, classes
 
 
 def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
@@ -423,7 +397,6 @@ def catch_stop_signals(world_size: int) -> list:
     def request_stop(signum, _frame):
         stop_signals.append(signum)
         signal.signal(signum, signal.SIG_DFL)
-
     for signum in (signal.SIGINT, signal.SIGTERM) if world_size == 1 else (signal.SIGINT,):
         signal.signal(signum, request_stop)
     return stop_signals
@@ -486,7 +459,6 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
 
 
 # --- checkpoints and outputs
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """A temporary file, flushed to disk, then renamed over the old checkpoint: a kill or a full disk
     at any moment leaves the previous one whole. Non-finite weights are refused."""
@@ -502,7 +474,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk, no permission, ...
         tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact") from None
+        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact")
 
 
 def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet, dict]:
@@ -515,7 +487,7 @@ def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet,
         ema.load_state_dict(ckpt["ema"])
     except Exception as e:  # truncated, foreign, unsafe, ...: one line, no traceback
         raise SystemExit(f"error: cannot load {path}: not a checkpoint of these scripts "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})")
     if for_training and "optimizer" not in ckpt:
         raise SystemExit(f"error: cannot resume from {path}: it holds no optimizer (made by --export)")
     return ema, ckpt
@@ -530,8 +502,8 @@ def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
 
 
 def sample_only(args, device: torch.device) -> None:
-    """args.n_samples samples of --ckpt's EMA network: a grid, and PNGs if asked; or, with --invert,
-    --interpolate or --consistency, their pictures instead."""
+    """args.n_samples samples of --ckpt's EMA network: a grid, and PNGs if asked; or the pictures of
+    --invert, --interpolate, --consistency."""
     ema, ckpt = load_checkpoint(args.ckpt)
     ema = ema.to(device)
     sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device)
@@ -557,15 +529,15 @@ def sample_only(args, device: torch.device) -> None:
 
 
 def random_latents(ema: UNet, n: int, seed: int) -> torch.Tensor:
-    """n latents x_T ~ N(0, I) of the network's image shape, the same for the same seed."""
+    """n latents x_T ~ N(0, I), the same for the same seed."""
     device = ema.conv_in.weight.device
     shape = (n, ema.conv_in.in_channels, ema.image_size, ema.image_size)
     return torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(seed))
 
 
 def save_consistency(ema: UNet, sched: Schedule, args, out: Path, n: int = 8) -> None:
-    """One set of latents decoded with η = 0 in 10, 20, 50, 100 and 1000 steps (those ≤ T), a row
-    each (Sec. 5.3): the latent, not the number of steps, decides what the image shows."""
+    """Latents decoded with η = 0 in 10 to 1000 steps, a row each (Sec. 5.3): the latent decides
+    what the image shows, not the number of steps."""
     x_T = random_latents(ema, n, args.seed)
     steps = [s for s in (10, 20, 50, 100, 1000) if s <= sched.T]
     rows = [sample(ema, sched, x_T.shape, s, skip=args.skip, x_T=x_T, progress=True) for s in steps]
@@ -587,8 +559,7 @@ def save_inversion(ema: UNet, sched: Schedule, args, dataset: str, out: Path, n:
 
 
 def save_interpolation(ema: UNet, sched: Schedule, args, out: Path, pairs: int = 3, n: int = 10) -> None:
-    """For each pair of random latents a, b: slerp(a, b, α) at n values of α from 0 to 1, decoded
-    with η = 0, one row per pair (Sec. 5.3)."""
+    """A row per pair of random latents a, b: slerp(a, b, α) for n values of α in [0, 1], with η = 0."""
     a, b = random_latents(ema, 2 * pairs, args.seed).chunk(2)
     x_T = torch.stack([slerp(a, b, alpha) for alpha in torch.linspace(0, 1, n).tolist()], dim=1)
     x = sample(ema, sched, x_T.flatten(0, 1).shape, args.sample_steps, skip=args.skip,
@@ -598,9 +569,8 @@ def save_interpolation(ema: UNet, sched: Schedule, args, out: Path, pairs: int =
 
 
 # --- command line
-
 def checked_sample_steps(steps: int | None, T: int) -> int:
-    """--sample-steps against the model's T (known only after loading a checkpoint): default 50."""
+    """--sample-steps, default 50, against the model's T."""
     if steps is not None and steps > T:
         raise SystemExit(f"error: --sample-steps {steps} is more than the model's T = {T} timesteps")
     return steps or min(50, T)
@@ -613,7 +583,7 @@ def pick_device(name: str) -> torch.device:
     try:
         return torch.empty(0, device=name).device  # fails for a device that is not there
     except (RuntimeError, AssertionError) as e:
-        raise SystemExit(f"error: --device {name}: {str(e).strip().splitlines()[0]}") from None
+        raise SystemExit(f"error: --device {name}: {str(e).strip().splitlines()[0]}")
 
 
 def positive_int(text: str) -> int:  # argparse type
@@ -656,11 +626,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", metavar="PATH", help="no training: copy --ckpt's EMA weights")
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--sample-steps", type=positive_int, help="sampler steps S ≤ T; default 50 (T if smaller)")
-    # η = 1 by default: on Fashion-MNIST, η = 0 left about one sample in five speckled after 2 epochs
-    # of training (and a few after 6), η = 1 none; at 20 steps or fewer, η = 0 measured better.
-    p.add_argument("--eta", type=float, default=1.0, help="η in [0, 1]: 0 deterministic DDIM, 1 DDPM-like")
-    p.add_argument("--skip", choices=SKIPS, default="uniform", help="the sampler's timesteps (step_grid)")
+    p.add_argument("--sample-steps", type=positive_int, help="S ≤ T; default 50")
+    # η = 1: on Fashion-MNIST η = 0 left one sample in five speckled after 2 epochs, η = 1 none
+    p.add_argument("--eta", type=float, default=1.0, help="0: deterministic DDIM, 1: DDPM-like")
+    p.add_argument("--skip", choices=SKIPS, default="uniform", help="the sampler's timesteps")
     p.add_argument("--invert", action="store_true", help="no training: write inversion.png")
     p.add_argument("--interpolate", action="store_true", help="no training: write interpolation.png")
     p.add_argument("--consistency", action="store_true", help="no training: write consistency.png")
@@ -672,14 +641,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.ckpt = args.ckpt or str(Path(args.out) / "ckpt.pt")
     args.sample_only = args.sample_only or args.invert or args.interpolate or args.consistency
-    size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
-    if args.image_size and args.image_size % size_multiple:
-        p.error(f"--image-size must be a multiple of {size_multiple}: the U-Net halves it at each level")
+    args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # the U-Net halves sizes
+    if args.image_size and args.image_size % args.size_multiple:
+        p.error(f"--image-size must be a multiple of {args.size_multiple}: the U-Net halves it at each level")
     if args.lr <= 0:
         p.error("--lr must be positive")
     if not 0 <= args.eta <= 1:
         p.error("--eta must be in [0, 1]")
-    if not args.sample_only:  # with --sample-only, T comes from the checkpoint: checked after loading
+    if not args.sample_only:  # else T comes from the checkpoint
         args.sample_steps = checked_sample_steps(args.sample_steps, args.timesteps)
     return args
 
@@ -699,8 +668,8 @@ def main(argv: list[str] | None = None) -> None:
         # reads the dead workers' addresses and fails or hangs (pytorch/pytorch#135712)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"restart{restart}", next(dist.rendezvous("env://"))[0])
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size)
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.amp = bf16_is_native(device) if args.amp is None else args.amp
@@ -717,9 +686,9 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or a CPU's RuntimeError
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
             raise
-        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size") from None
+        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size")
     except OSError as e:  # a full disk, a folder without write permission, ...
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {e}")
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -56,7 +56,6 @@ MAX_BAD_STEPS = 20  # stop after this many skipped steps in a row (NaN/inf gradi
 
 
 # --- noise schedule
-
 class Schedule:
     """β_t and what derives from it, for t = 0..T-1: computed in float64, stored in float32. Plain
     tensors, not parameters or buffers of the network, so the EMA never averages them."""
@@ -73,14 +72,12 @@ class Schedule:
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)                        # ᾱ_t = Π_{s≤t} α_s
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        posterior_var = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)  # β̃_t, eq. 7
         self.T = T
-        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev, self.posterior_var = (
-            v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev, posterior_var))
+        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev = (
+            v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev))
 
 
 # --- forward process, loss
-
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
     alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1): one per image
@@ -96,7 +93,6 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 
 
 # --- Algorithm 1: training
-
 def update_ema(ema: UNet, model, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
     decay = min(EMA_DECAY, (1 + step) / (10 + step))
@@ -124,35 +120,30 @@ def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedu
 
 
 # --- Algorithm 2: sampling
-
 @torch.inference_mode()
-def sample(model, sched: Schedule, shape: tuple[int, ...], *, variance: str = "beta",
-           generator: torch.Generator | None = None, frames: list | None = None,
-           progress: bool = False) -> torch.Tensor:
-    """Algorithm 2: x_T ~ N(0, I), then x_{t-1} ~ p_θ(x_{t-1} | x_t) down to x0. σ_t² = β_t ("beta")
-    or β̃_t ("posterior"), similar in the paper. x̂0 is clipped to [−1, 1], and the mean is μ̃_t(x_t, x̂0)
-    of eq. 7: Algorithm 2's mean with ε re-derived from the clipped x̂0.
+def sample(model, sched: Schedule, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+           frames: list | None = None, progress: bool = False) -> torch.Tensor:
+    """Algorithm 2: x_T ~ N(0, I), then x_{t-1} ~ p_θ(x_{t-1} | x_t) down to x0, with σ_t² = β_t (the
+    paper found β̃_t similar: ddim.py's η = 1 at all T steps). x̂0 is clipped to [−1, 1], and the mean is
+    μ̃_t(x_t, x̂0) of eq. 7: Algorithm 2's mean with ε re-derived from the clipped x̂0.
     frames: a list to append x_t to (on the CPU) 50 times, for a GIF."""
     device = sched.betas.device
     x = torch.randn(shape, device=device, generator=generator)
-    sigma2 = {"beta": sched.betas, "posterior": sched.posterior_var}[variance]
     for t in tqdm(range(sched.T - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         eps = model(x, t_batch).float()
         alpha_bar, alpha_bar_prev = sched.alpha_bar[t], sched.alpha_bar_prev[t]
         x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)  # eq. 15
-        mean = (alpha_bar_prev.sqrt() * sched.betas[t] / (1 - alpha_bar) * x0_hat        # eq. 7
-                + sched.alphas[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * x)
-        if t > 0:  # no noise is added at the last step
-            mean = mean + sigma2[t].sqrt() * torch.randn(shape, device=device, generator=generator)
-        x = mean
+        x = (alpha_bar_prev.sqrt() * sched.betas[t] / (1 - alpha_bar) * x0_hat        # eq. 7: μ̃_t
+             + sched.alphas[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * x)
+        if t > 0:  # x_{t-1} = μ̃_t + σ_t z; no noise at the last step
+            x = x + sched.betas[t].sqrt() * torch.randn(shape, device=device, generator=generator)
         if frames is not None and (t % max(1, sched.T // 50) == 0):
             frames.append(x.cpu())
     return x
 
 
 # --- data
-
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -175,7 +166,7 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_m
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
         raise SystemExit(f"error: could not load or download {name} ({e}); offline, put its unpacked "
-                         f"files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})") from None
+                         f"files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})")
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
     if image_size and image_size != images.shape[-1]:
@@ -230,7 +221,6 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 # --- training run
-
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
     """train_step over the data for --epochs (or --max-steps). Rank 0 writes the checkpoint,
     log.csv, loss.png and grids to --out. Ctrl-C saves and stops."""
@@ -311,14 +301,13 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     """load_dataset for the U-Net of --preset, on the device; under DDP, rank 0 downloads first."""
     if rank != 0:
         dist.barrier()
-    size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
-    images, labels, class_names = load_dataset(args.dataset, args.data_dir, args.image_size, size_multiple)
+    images, labels, classes = load_dataset(args.dataset, args.data_dir, args.image_size, args.size_multiple)
     if world_size > 1 and rank == 0:
         dist.barrier()
     if len(images) < args.batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
     args.epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))  # a folder's default
-    return images.to(device), labels, class_names
+    return images.to(device), labels, classes
 
 
 def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
@@ -352,7 +341,6 @@ def catch_stop_signals(world_size: int) -> list:
     def request_stop(signum, _frame):
         stop_signals.append(signum)
         signal.signal(signum, signal.SIG_DFL)
-
     for signum in (signal.SIGINT, signal.SIGTERM) if world_size == 1 else (signal.SIGINT,):
         signal.signal(signum, request_stop)
     return stop_signals
@@ -406,8 +394,8 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
     for start in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size):
         shape = (min(args.batch_size, n - start), ema.conv_in.in_channels, ema.image_size, ema.image_size)
         with torch.autocast(sched.betas.device.type, torch.bfloat16, enabled=args.amp):
-            x = sample(ema, sched, shape, variance=args.variance, generator=generator,
-                       frames=frames if start == 0 else None, progress=True)
+            x = sample(ema, sched, shape, generator=generator, frames=frames if start == 0 else None,
+                       progress=True)
         images.append((x.float().cpu() + 1) / 2)
     images = torch.cat(images)
     save_image(images[:256], path, nrow=math.ceil(math.sqrt(min(256, n))))
@@ -415,7 +403,6 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
 
 
 # --- checkpoints and outputs
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """A temporary file, flushed to disk, then renamed over the old checkpoint: a kill or a full disk
     at any moment leaves the previous one whole. Non-finite weights are refused."""
@@ -431,7 +418,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk, no permission, ...
         tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact") from None
+        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact")
 
 
 def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet, dict]:
@@ -444,7 +431,7 @@ def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet,
         ema.load_state_dict(ckpt["ema"])
     except Exception as e:  # truncated, foreign, unsafe, ...: one line, no traceback
         raise SystemExit(f"error: cannot load {path}: not a checkpoint of these scripts "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})")
     if for_training and "optimizer" not in ckpt:
         raise SystemExit(f"error: cannot resume from {path}: it holds no optimizer (made by --export)")
     return ema, ckpt
@@ -475,7 +462,6 @@ def sample_only(args, device: torch.device) -> None:
 
 
 # --- command line
-
 def pick_device(name: str) -> torch.device:
     """auto: cuda, else mps, else cpu; a named device that is not there is an error."""
     if name == "auto":
@@ -483,7 +469,7 @@ def pick_device(name: str) -> torch.device:
     try:
         return torch.empty(0, device=name).device  # fails for a device that is not there
     except (RuntimeError, AssertionError) as e:
-        raise SystemExit(f"error: --device {name}: {str(e).strip().splitlines()[0]}") from None
+        raise SystemExit(f"error: --device {name}: {str(e).strip().splitlines()[0]}")
 
 
 def positive_int(text: str) -> int:  # argparse type
@@ -526,7 +512,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", metavar="PATH", help="no training: copy --ckpt's EMA weights")
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--variance", choices=["beta", "posterior"], default="beta", help="σ_t²: β_t or β̃_t")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast; default: if native")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
@@ -534,9 +519,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.ckpt = args.ckpt or str(Path(args.out) / "ckpt.pt")
-    size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)
-    if args.image_size and args.image_size % size_multiple:
-        p.error(f"--image-size must be a multiple of {size_multiple}: the U-Net halves it at each level")
+    args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # the U-Net halves sizes
+    if args.image_size and args.image_size % args.size_multiple:
+        p.error(f"--image-size must be a multiple of {args.size_multiple}: the U-Net halves it at each level")
     if args.lr <= 0:
         p.error("--lr must be positive")
     return args
@@ -557,8 +542,8 @@ def main(argv: list[str] | None = None) -> None:
         # reads the dead workers' addresses and fails or hangs (pytorch/pytorch#135712)
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"restart{restart}", next(dist.rendezvous("env://"))[0])
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size)
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.amp = bf16_is_native(device) if args.amp is None else args.amp
@@ -575,9 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or a CPU's RuntimeError
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
             raise
-        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size") from None
+        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size")
     except OSError as e:  # a full disk, a folder without write permission, ...
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {e}")
     if world_size > 1:
         dist.destroy_process_group()
 
