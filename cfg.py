@@ -21,7 +21,6 @@ import csv
 import gzip
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -42,8 +41,8 @@ from tqdm import tqdm
 
 from unet import PRESETS, UNet
 
-# Defaults per dataset (flags override): a CPU-sized network for 28×28; the paper's CIFAR-10 setup
-# (800k steps of batch 128); a folder sees as many images as 6 epochs of Fashion-MNIST.
+# Per dataset (flags override): a CPU-sized net for 28×28; the paper's CIFAR-10 setup; for a folder,
+# as many images as 6 epochs of Fashion-MNIST.
 DATASET_DEFAULTS = {
     "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
@@ -208,8 +207,7 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_m
     if name == "fashion" and not (raw / "train-images-idx3-ubyte").exists() and DEBIAN_FASHION.is_dir():
         raw.mkdir(parents=True, exist_ok=True)
         for gz in DEBIAN_FASHION.glob("*-ubyte.gz"):  # torchvision wants the files unpacked
-            with gzip.open(gz) as src, open(raw / gz.stem, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
     try:
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
@@ -436,8 +434,7 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
     except ImportError:
         print(f"the training record is in {csv_path}; pip install matplotlib to get {png_path.name}")
         return
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
     fig = Figure(layout="tight")
     ax = fig.subplots()
     ax.plot([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows])
@@ -486,8 +483,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
         raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact")
 
 
-def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet, dict]:
-    """Its EMA network on the CPU, and the checkpoint: data only (weights_only), never code."""
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
+                    for_training: bool = False) -> tuple[UNet, dict]:
+    """Its EMA network on the device, and the checkpoint: data only (weights_only), never code."""
     if not Path(path).is_file():
         raise SystemExit(f"error: no checkpoint at {path} (train first, or pass --ckpt PATH)")
     try:
@@ -499,21 +497,19 @@ def load_checkpoint(path: str | Path, for_training: bool = False) -> tuple[UNet,
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0]})")
     if for_training and "optimizer" not in ckpt:
         raise SystemExit(f"error: cannot resume from {path}: it holds no optimizer (made by --export)")
-    return ema, ckpt
+    return ema.to(device), ckpt
 
 
 def save_gif(frames: list[torch.Tensor], path: Path, n: int = 16) -> None:
     """The reverse process as an animation of the first n samples."""
-    grids = [make_grid((x[:n].clamp(-1, 1) + 1) / 2, nrow=math.ceil(math.sqrt(n))) for x in frames]
-    pictures = [to_pil_image(grid) for grid in grids]
+    pictures = [to_pil_image(make_grid(x[:n].clamp(-1, 1) / 2 + 0.5, nrow=round(n ** 0.5))) for x in frames]
     durations = [60] * (len(pictures) - 1) + [2000]  # hold the final samples
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
 
 
 def sample_only(args, device: torch.device) -> None:
     """args.n_samples samples of --ckpt's EMA network: a grid, PNGs if asked, and --sweep's picture."""
-    ema, ckpt = load_checkpoint(args.ckpt)
-    ema = ema.to(device)
+    ema, ckpt = load_checkpoint(args.ckpt, device)
     if not ema.num_classes:
         raise SystemExit(f"error: {args.ckpt} holds an unconditional model (from ddpm.py or ddim.py): "
                          f"guided sampling needs one trained by cfg.py")
@@ -644,10 +640,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="with --sample-only: also write guidance_sweep.png")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast; default: if native")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.set_defaults(**DATASET_DEFAULTS.get(p.parse_known_args(argv)[0].dataset, DATASET_DEFAULTS["folder"]))
     args = p.parse_args(argv)
-    for key, value in DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS["folder"]).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     args.ckpt = args.ckpt or str(Path(args.out) / "ckpt.pt")
     args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # the U-Net halves sizes
     if args.image_size and args.image_size % args.size_multiple:
