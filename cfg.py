@@ -4,15 +4,13 @@ Train one DDPM network ε_θ(x_t, t, c) on (image, class) pairs, with the class 
 label ∅ for a random 10% of the samples (CFG Algorithm 1): the same network learns the conditional
 ε(x_t, c) and the unconditional ε(x_t, ∅). Sampling extrapolates past the conditional prediction,
 ε̃ = (1+w)·ε(x_t, c) − w·ε(x_t, ∅): the guidance strength w trades diversity for samples that look
-more like their class, with no classifier.
+more like their class, with no classifier. Equation numbers: "CFG eq. N" is Ho & Salimans', the
+sampler's are the DDIM paper's, the rest the DDPM paper's; code timesteps t = 0..T-1 are its t = 1..T.
 
     python cfg.py                                      # MNIST (downloads it); writes runs/cfg/
     python cfg.py --dataset fashion                    # Fashion-MNIST (Debian's copy when offline)
     python cfg.py --sample-only --class 3 --guidance 4 # 64 strongly guided samples of class 3
     torchrun --nproc_per_node=4 cfg.py --dataset cifar10   # several GPUs (DDP)
-
-Equation numbers are the DDIM paper's in the sampler ("CFG eq. N": Ho & Salimans'), the DDPM
-paper's in the training code. Code timesteps t = 0..T-1 are the paper's t = 1..T.
 """
 import argparse
 import contextlib
@@ -259,8 +257,7 @@ def load_folder(root: Path, image_size: int | None, size_multiple: int):
 
 
 def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1], randomly mirrored if flip."""
-    x = images.float() / 127.5 - 1
+    x = images.float() / 127.5 - 1  # uint8 [0, 255] → [−1, 1]
     if flip:
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     return x
@@ -268,8 +265,7 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 # --- training run
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
-    """train_step over the data for --epochs (or --max-steps). Rank 0 writes the checkpoint,
-    log.csv, loss.png and grids to --out. Ctrl-C saves and stops."""
+    """train_step over the data for --epochs; rank 0 writes ckpt.pt, log.csv, loss.png and grids."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     images, labels, class_names = training_data(args, device, rank, world_size)
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset],

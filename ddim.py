@@ -4,15 +4,13 @@ DDPM's loss involves only the marginals q(x_t | x0), so a network trained as in 
 non-Markovian processes with the same marginals, whose reverse steps may skip timesteps and whose
 noise σ is free (eq. 16, scaled by η ∈ [0, 1]). η = 1 is DDPM-like; η = 0 is deterministic, an ODE
 from x_T to x0 that can be run backwards (inversion) and between latents (interpolation). 50 steps
-instead of 1000 give good samples. Training and checkpoints are ddpm.py's.
+instead of 1000 give good samples. Training and checkpoints are ddpm.py's. Equation numbers are the
+DDIM paper's in the sampler, the DDPM paper's elsewhere; code timesteps t = 0..T-1 are its t = 1..T.
 
     python ddim.py                                         # train as ddpm.py does, sample with DDIM
     python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt  # 50 steps (η = 1) of a ddpm.py model
     python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt --sample-steps 20 --eta 0 --skip quad
     python ddim.py --invert --interpolate --ckpt runs/ddpm/ckpt.pt   # inversion.png, interpolation.png
-
-Equation numbers are the DDIM paper's in the sampler, the DDPM paper's in the training code.
-Code timesteps t = 0..T-1 are the paper's t = 1..T.
 """
 import argparse
 import contextlib
@@ -267,8 +265,7 @@ def load_folder(root: Path, image_size: int | None, size_multiple: int):
 
 
 def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1], randomly mirrored if flip."""
-    x = images.float() / 127.5 - 1
+    x = images.float() / 127.5 - 1  # uint8 [0, 255] → [−1, 1]
     if flip:
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     return x
@@ -276,8 +273,7 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 # --- training run
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
-    """train_step over the data for --epochs (or --max-steps). Rank 0 writes the checkpoint,
-    log.csv, loss.png and grids to --out. Ctrl-C saves and stops."""
+    """train_step over the data for --epochs; rank 0 writes ckpt.pt, log.csv, loss.png and grids."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     images, labels, class_names = training_data(args, device, rank, world_size)
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset])

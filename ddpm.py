@@ -3,13 +3,12 @@
 Destroy an image x0 with T small steps of Gaussian noise, and train a network ε_θ(x_t, t) to
 predict the noise that was added (L_simple). Sampling runs it backwards: from pure noise x_T, remove
 a little of the predicted noise at each of the T steps, adding fresh noise on the way (Algorithm 2).
+Equation numbers are the paper's; code timesteps t = 0..T-1 are its t = 1..T.
 
     python ddpm.py                              # MNIST (downloads it); writes runs/ddpm/
     python ddpm.py --dataset fashion            # Fashion-MNIST (Debian's copy when offline)
     python ddpm.py --sample-only                # 64 samples of runs/ddpm/ckpt.pt
     torchrun --nproc_per_node=4 ddpm.py --dataset cifar10   # several GPUs (DDP)
-
-Equation numbers are the paper's. Code timesteps t = 0..T-1 are the paper's t = 1..T.
 """
 import argparse
 import contextlib
@@ -122,9 +121,8 @@ def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedu
 @torch.inference_mode()
 def sample(model, sched: Schedule, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
            frames: list | None = None, progress: bool = False) -> torch.Tensor:
-    """Algorithm 2: x_T ~ N(0, I), then x_{t-1} ~ p_θ(x_{t-1} | x_t) down to x0, with σ_t² = β_t (the
-    paper found β̃_t similar: ddim.py's η = 1 at all T steps). x̂0 is clipped to [−1, 1], and the mean is
-    μ̃_t(x_t, x̂0) of eq. 7: Algorithm 2's mean with ε re-derived from the clipped x̂0.
+    """Algorithm 2: x_T ~ N(0, I), then x_{t-1} ~ p_θ(x_{t-1} | x_t) down to x0. x̂0 is clipped to [−1, 1]
+    and the mean is μ̃_t(x_t, x̂0) of eq. 7: Algorithm 2's, with ε re-derived from the clipped x̂0.
     frames: a list to append x_t to (on the CPU) 50 times, for a GIF."""
     device = sched.betas.device
     x = torch.randn(shape, device=device, generator=generator)
@@ -134,7 +132,7 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], *, generator: torch.G
         x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)  # eq. 15
         x = (alpha_bar_prev.sqrt() * sched.betas[t] / (1 - alpha_bar) * x0_hat        # eq. 7: μ̃_t
              + sched.alphas[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * x)
-        if t > 0:  # x_{t-1} = μ̃_t + σ_t z; no noise at the last step
+        if t > 0:  # x_{t-1} = μ̃_t + σ_t z, σ_t² = β_t (β̃_t, as good in the paper: ddim.py's η = 1)
             x = x + sched.betas[t].sqrt() * torch.randn(shape, device=device, generator=generator)
         if frames is not None and (t % max(1, sched.T // 50) == 0):
             frames.append(x.cpu())
@@ -210,8 +208,7 @@ def load_folder(root: Path, image_size: int | None, size_multiple: int):
 
 
 def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
-    """uint8 [0, 255] → float [−1, 1], randomly mirrored if flip."""
-    x = images.float() / 127.5 - 1
+    x = images.float() / 127.5 - 1  # uint8 [0, 255] → [−1, 1]
     if flip:
         x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     return x
@@ -219,8 +216,7 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 # --- training run
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
-    """train_step over the data for --epochs (or --max-steps). Rank 0 writes the checkpoint,
-    log.csv, loss.png and grids to --out. Ctrl-C saves and stops."""
+    """train_step over the data for --epochs; rank 0 writes ckpt.pt, log.csv, loss.png and grids."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     images, labels, class_names = training_data(args, device, rank, world_size)
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset])
