@@ -146,7 +146,7 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, *, eta: f
            x_T: torch.Tensor | None = None, frames: list | None = None,
            progress: bool = False) -> torch.Tensor:
     """The generalized sampler of eq. 12 on step_grid(T, steps, skip), from x_T (default: drawn).
-    η = 0 is DDIM, deterministic; η = 1 with steps = T is ddpm.py's sampler with σ² = β̃, the same
+    η = 0 is DDIM, deterministic; η = 1 with steps = T is Algorithm 2 with σ² = β̃ (ddpm.py: β), the same
     noise in the same order. x̂0 is clipped and ε re-derived, as in ddpm.py. frames: see ddpm.py."""
     device = sched.betas.device
     x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device)
