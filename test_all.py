@@ -43,6 +43,14 @@ def gaussian_eps(sched, mu: float, s: float):
     return model
 
 
+def as_v_model(sched, eps_model):
+    """The same predictor, as a v-network would give it: v = (ε − √(1−ᾱ) x_t)/√ᾱ."""
+    def model(x, t, y=None):
+        alpha_bar = sched.alpha_bar[t][:, None, None, None]
+        return (eps_model(x, t, y) - (1 - alpha_bar).sqrt() * x) / alpha_bar.sqrt()
+    return model
+
+
 def write_idx_dataset(root: Path, n: int = 64, folder: str = "MNIST", seed: int = 0) -> Path:
     """A tiny MNIST-format dataset (IDX files) that torchvision's own loader reads.
 
@@ -137,6 +145,41 @@ def test_sampler_detects_a_wrong_model():
     sched = ddpm.Schedule(1000, "linear")
     x = ddpm.sample(gaussian_eps(sched, 0.3, 0.4), sched, (2000, 1, 4, 4))
     assert abs(x.std().item() - 0.2) > 0.1
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
+def test_a_v_prediction_network_samples_as_its_eps_network(script):
+    """--prediction v: each sampler turns the network's v back into ε. Given the exact v of the exact ε
+    (the closed-form predictor for N(mu, s²)), it must draw the same samples, noise for noise."""
+    module = {"ddpm": ddpm, "ddim": ddim, "cfg": cfg}[script]
+    sched, sched_v = module.Schedule(1000, "linear"), module.Schedule(1000, "linear", prediction="v")
+    model = gaussian_eps(sched, 0.3, 0.2)
+    v_model = as_v_model(sched, model)
+    shape, y = (256, 1, 4, 4), torch.zeros(256, dtype=torch.long)
+
+    def draw(model, sched):
+        generator = torch.Generator().manual_seed(3)
+        if script == "ddpm":
+            return ddpm.sample(model, sched, shape, generator=generator)
+        if script == "ddim":
+            return ddim.invert(model, sched, ddim.sample(model, sched, shape, 50, eta=1.0, generator=generator), 50)
+        return cfg.sample(model, sched, shape, 50, y, guidance=3.0, null_label=1, eta=1.0, generator=generator)
+
+    torch.testing.assert_close(draw(v_model, sched_v), draw(model, sched), atol=2e-4, rtol=0)
+
+
+def test_the_v_loss_is_the_mse_of_v():
+    """diffusion_loss with prediction v: ‖v − v_θ‖², v = √ᾱ_t ε − √(1−ᾱ_t) x0, the same draws of t and ε."""
+    sched_v = ddpm.Schedule(100, "linear", prediction="v")
+    x0 = torch.rand(64, 1, 4, 4) * 2 - 1
+    torch.manual_seed(5)
+    loss = ddpm.diffusion_loss(lambda x, t: torch.zeros_like(x), sched_v, x0)
+    torch.manual_seed(5)
+    t = torch.randint(0, 100, (64,))
+    noise = torch.randn_like(x0)
+    alpha_bar = sched_v.alpha_bar[t][:, None, None, None]
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    assert loss.item() == pytest.approx(v.pow(2).mean().item(), rel=1e-6)
 
 
 def test_sampler_records_frames_and_adds_no_noise_at_the_end():
@@ -545,7 +588,7 @@ def test_guided_eps_is_the_tilted_score(sched):
         torch.testing.assert_close(mixture.double(), tilted_eps(sched, 0, -1.0)(x, t), **close)
         for c in (0, 1):
             for w in (0.0, 0.5, 2.0):
-                guided = cfg.guided_eps(model, x, t, torch.full_like(t, c), w, NULL)
+                guided = cfg.guided_eps(model, sched, x, t, torch.full_like(t, c), w, NULL)
                 torch.testing.assert_close(guided.double(), tilted_eps(sched, c, w)(x, t), **close)
 
 
@@ -747,7 +790,7 @@ SHARED = {
     (ddpm, ddim, cfg): ["Schedule", "q_sample", "load_dataset", "load_folder", "to_model_range",
                         "update_ema", "build_run", "catch_stop_signals",
                         "lock_out_dir", "open_log", "plot_log", "save_checkpoint", "load_checkpoint",
-                        "save_gif", "pick_device", "positive_int", "bf16_is_native", "main"],
+                        "pick_device", "positive_int", "bf16_is_native", "main"],
     (ddpm, ddim): ["diffusion_loss", "train_step", "train", "training_data"],
     (ddim, cfg): ["step_grid", "checked_sample_steps"],
 }
