@@ -39,8 +39,7 @@ from tqdm import tqdm
 
 from unet import PRESETS, UNet
 
-# Per dataset (flags override): a CPU-sized net for 28×28; the paper's CIFAR-10 setup; for a folder,
-# v-prediction and batch 32, ours: they learn colour images faster (docs/own-images.md).
+# Per dataset (flags override): the paper's setup for CIFAR-10; for folders ours (docs/own-images.md).
 DATASET_DEFAULTS = {
     "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
@@ -49,7 +48,6 @@ DATASET_DEFAULTS = {
 }
 IMAGES_PER_FOLDER_RUN = 360_000
 FOLDER_SIZE = 64    # a folder's default --image-size is at most this: a laptop size
-EMA_DECAY = 0.9999  # the paper's; warmed up as min(0.9999, (1+step)/(10+step)) so short runs work
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
 CKPT_EVERY = 500    # most steps between checkpoints (or each epoch) and between sample grids
 MAX_BAD_STEPS = 20  # stop after this many skipped steps in a row (NaN/inf gradients)
@@ -64,9 +62,8 @@ class Schedule:
     def __init__(self, T: int = 1000, kind: str = "linear", device="cpu", prediction: str = "eps"):
         if kind == "linear":  # Sec. 4: β from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-        elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ follows a squared cosine
-            s = 0.008
-            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17 with s = 0.008: ᾱ follows a squared cosine
+            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         else:
             raise ValueError(f"unknown schedule {kind!r}")
@@ -107,7 +104,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 # --- Algorithm 1: training
 def update_ema(ema: UNet, model, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
-    decay = min(EMA_DECAY, (1 + step) / (10 + step))
+    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999, warmed up so short runs work
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
@@ -346,9 +343,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             weights = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict())
             save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), **run))
         if rank == 0 and not stop and step % grid_every == 0 and step < total_steps:
-            sampling_start = time.perf_counter()
             save_samples(ema, sched, 16, args, out / f"samples_epoch{epoch + 1}.png")
-            timer += time.perf_counter() - sampling_start  # sampling is not training time
     bar.close()
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C while sampling stops at once
         signal.signal(signum, signal.SIG_DFL)
@@ -438,11 +433,10 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
         print(f"the training record is in {csv_path}; pip install matplotlib to get {png_path.name}")
         return
     rows = list(csv.DictReader(csv_path.read_text().splitlines()))
-    fig = Figure(layout="tight")
-    ax = fig.subplots()
+    ax = Figure(layout="tight").subplots()
     ax.plot([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows])
-    ax.set(xlabel="step", ylabel="L_simple (MSE of ε)", yscale="log")
-    fig.savefig(png_path, dpi=100)
+    ax.set(xlabel="step", ylabel="loss (MSE of ε, or of v)", yscale="log")
+    ax.figure.savefig(png_path, dpi=100)
 
 
 def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
