@@ -91,14 +91,17 @@ def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Te
 
 
 def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
-    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps (0..T-1)."""
+    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps (0..T-1). A v-network
+    learns v = √ᾱ_t ε − √(1−ᾱ_t) x0 instead, weighted by min-SNR-5 (Hang et al. 2023)."""
     t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
     output = model(q_sample(sched, x0, t, noise), t).float()
     if sched.prediction == "eps":
         return F.mse_loss(output, noise)
     alpha_bar = sched.alpha_bar[t][:, None, None, None]
-    return F.mse_loss(output, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0)  # ‖v − v_θ‖²
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    snr = alpha_bar / (1 - alpha_bar)  # of x_t: the weight min(SNR, 5) / (SNR + 1) spares t near T and 0
+    return (snr.clamp(max=5) / (snr + 1) * (output - v) ** 2).mean()
 
 
 # --- Algorithm 1: training
@@ -249,10 +252,8 @@ def load_folder(root: Path, image_size: int | None, size_multiple: int):
     for path in files:  # reads the headers only
         with contextlib.suppress(*UNREADABLE), Image.open(path) as picture:
             short_sides[path] = min(picture.size)
-    if not short_sides:
-        raise SystemExit(f"error: no readable image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     if image_size is None:
-        median_side = sorted(short_sides.values())[len(short_sides) // 2]
+        median_side = sorted(short_sides.values() or [0])[len(short_sides) // 2]  # [0]: none, an error below
         image_size = max(size_multiple, min(median_side, FOLDER_SIZE) // size_multiple * size_multiple)
         if median_side > FOLDER_SIZE:
             print(f"training at {image_size}×{image_size}, smaller than the images (--image-size to choose)")
@@ -267,7 +268,7 @@ def load_folder(root: Path, image_size: int | None, size_multiple: int):
     if len(images) < len(files):
         print(f"skipped {len(files) - len(images)} of the {len(files)} files: unreadable, or too small")
     if not images:
-        raise SystemExit(f"error: no image under {root} is readable and {image_size}×{image_size} or larger")
+        raise SystemExit(f"error: no readable image of {image_size}×{image_size} or larger under {root}")
     images = torch.stack(images)
     if torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]):
         images = images[:, :1]  # no pixel has colour: grayscale
@@ -514,12 +515,11 @@ def sample_only(args, device: torch.device) -> None:
                 save_consistency(ema, sched, args, out)
         return
     images = save_samples(ema, sched, args.n_samples, args, out / "samples.png")
-    print(f"wrote {out / 'samples.png'}")
     if args.save_pngs:
         Path(args.save_pngs).mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             save_image(image, Path(args.save_pngs) / f"{i:06d}.png")
-        print(f"wrote {len(images)} PNGs to {args.save_pngs}")
+    print(f"wrote {out / 'samples.png'}" + (f" and {len(images)} PNGs" if args.save_pngs else ""))
 
 
 def random_latents(ema: UNet, n: int, seed: int) -> torch.Tensor:

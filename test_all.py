@@ -168,8 +168,9 @@ def test_a_v_prediction_network_samples_as_its_eps_network(script):
     torch.testing.assert_close(draw(v_model, sched_v), draw(model, sched), atol=2e-4, rtol=0)
 
 
-def test_the_v_loss_is_the_mse_of_v():
-    """diffusion_loss with prediction v: ‖v − v_θ‖², v = √ᾱ_t ε − √(1−ᾱ_t) x0, the same draws of t and ε."""
+def test_the_v_loss_is_the_min_snr_weighted_mse_of_v():
+    """diffusion_loss with prediction v: min(SNR, 5)/(SNR + 1)·‖v − v_θ‖², v = √ᾱ_t ε − √(1−ᾱ_t) x0,
+    SNR = ᾱ_t/(1−ᾱ_t) (Hang et al. 2023's min-SNR-γ for v), on the same draws of t and ε."""
     sched_v = ddpm.Schedule(100, "linear", prediction="v")
     x0 = torch.rand(64, 1, 4, 4) * 2 - 1
     torch.manual_seed(5)
@@ -179,7 +180,10 @@ def test_the_v_loss_is_the_mse_of_v():
     noise = torch.randn_like(x0)
     alpha_bar = sched_v.alpha_bar[t][:, None, None, None]
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
-    assert loss.item() == pytest.approx(v.pow(2).mean().item(), rel=1e-6)
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1)
+    assert loss.item() == pytest.approx((weight * v.pow(2)).mean().item(), rel=1e-5)
+    assert weight.max() < 0.84  # so the plain ‖v − v_θ‖² would fail the check above
 
 
 def test_sampler_records_frames_and_adds_no_noise_at_the_end():
