@@ -1189,6 +1189,7 @@ def test_cfg_trains_on_an_rgb_class_folder_and_samples_a_class_by_name(tmp_path)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["classes"] == ["circles", "squares"] and ckpt["config"]["unet"]["image_channels"] == 3
+    assert ckpt["config"]["prediction"] == "v" and ckpt["args"]["batch_size"] == 8  # a folder's default, a flag's
     assert "columns: 0 circles, 1 squares" in r.stdout
     r = run_script("cfg.py", "--sample-only", "--device", "cpu", "--out", str(out), "--class", "squares",
                    "--n-samples", "2", "--save-pngs", str(tmp_path / "pngs"))
