@@ -396,7 +396,7 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
     images = torch.cat(images)
     save_image(images[:256], path, nrow=math.ceil(math.sqrt(min(256, n))))
     if gif_path:  # 50 frames, the last one held
-        pictures = [to_pil_image(make_grid(x[:16].clamp(-1, 1) / 2 + 0.5, nrow=4)) for x in frames]
+        pictures = [to_pil_image(make_grid(frame[:16].clamp(-1, 1) / 2 + 0.5, nrow=4)) for frame in frames]
         durations = [60] * (len(pictures) - 1) + [2000]
         pictures[0].save(gif_path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
     return images
