@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 try:
-    import fcntl  # POSIX file locks, for one training run per --out
+    import fcntl  # file locks: one training run per --out
 except ImportError:  # Windows
     fcntl = None
 import torch
@@ -47,17 +47,16 @@ DATASET_DEFAULTS = {
     "folder": dict(preset="small", lr=1e-3, warmup=200, flip=True, batch_size=32, prediction="v"),
 }
 IMAGES_PER_FOLDER_RUN = 50_000  # a folder's default --epochs: about 30 minutes of a 2-core CPU at 32×32
-FOLDER_SIZE = 64    # a folder's default --image-size is at most this: a laptop size
+FOLDER_SIZE = 64    # a folder's largest default --image-size: a laptop's
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
 CKPT_EVERY = 500    # most steps between checkpoints (or each epoch) and between sample grids
-MAX_BAD_STEPS = 20  # stop after this many skipped steps in a row (NaN/inf gradients)
+MAX_BAD_STEPS = 20  # stop after this many NaN/inf steps in a row
 
 
 # --- noise schedule
 class Schedule:
-    """β_t and what derives from it, for t = 0..T-1: computed in float64, stored in float32. Plain
-    tensors, not parameters or buffers of the network, so the EMA never averages them. prediction: what
-    the network outputs, ε (the paper's) or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022)."""
+    """β_t and what follows from it, t = 0..T-1: float64 math, float32 tensors the EMA never sees.
+    prediction: the network's output, ε or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022)."""
 
     def __init__(self, T: int = 1000, kind: str = "linear", device="cpu", prediction: str = "eps"):
         if kind == "linear":  # Sec. 4: β from 1e-4 to 0.02
@@ -91,8 +90,7 @@ def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Te
 
 
 def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
-    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t)‖² with t uniform over all T steps (0..T-1). A v-network
-    learns v = √ᾱ_t ε − √(1−ᾱ_t) x0 instead, weighted by min-SNR-5 (Hang et al. 2023)."""
+    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t)‖², t uniform in 0..T-1; for v, min-SNR-5 weights (Hang et al.)."""
     t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
     output = model(q_sample(sched, x0, t, noise), t).float()
@@ -100,7 +98,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(output, noise)
     alpha_bar = sched.alpha_bar[t][:, None, None, None]
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
-    snr = alpha_bar / (1 - alpha_bar)  # of x_t: the weight min(SNR, 5) / (SNR + 1) spares t near T and 0
+    snr = alpha_bar / (1 - alpha_bar)  # of x_t; min(SNR, 5) / (SNR + 1) spares t near T and near 0
     return (snr.clamp(max=5) / (snr + 1) * (output - v) ** 2).mean()
 
 
@@ -116,7 +114,7 @@ def update_ema(ema: UNet, model, step: int) -> None:
 def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedule, x0: torch.Tensor,
                step: int, lr: float, amp: bool) -> tuple[torch.Tensor, bool]:
     """Algorithm 1, once: L_simple, a clipped AdamW step, the EMA. Returns the loss and whether the
-    step was applied: a NaN or inf gradient changes nothing."""
+    step was applied (a NaN or inf gradient changes nothing)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(x0.device.type, torch.bfloat16, enabled=amp):
@@ -214,12 +212,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # Pillow's errors for a bad file
 
 
 def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_multiple: int = 1):
-    """The images as uint8 (N, C, H, W), all in memory, their labels and the class names, of a
-    torchvision dataset or a folder (load_folder). image_size: default the data's own."""
+    """uint8 images (N, C, H, W), labels and class names of a torchvision dataset or a folder."""
     if name not in DATASETS:
         return load_folder(Path(name), image_size, size_multiple)
     dataset_class = DATASETS[name]
@@ -231,8 +227,8 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_m
     try:
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
-        raise SystemExit(f"error: could not load or download {name} ({e}); offline, put its unpacked "
-                         f"files in {raw} (cifar10: cifar-10-batches-py/ in {data_dir})")
+        raise SystemExit(f"error: cannot download {name} ({e}); offline, put its unpacked files in {raw} "
+                         f"(cifar10: {data_dir}/cifar-10-batches-py)")
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
     if image_size and image_size != images.shape[-1]:
@@ -241,28 +237,26 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_m
 
 
 def load_folder(root: Path, image_size: int | None, size_multiple: int):
-    """Every image under root, centre-cropped to a square of image_size: by default the median short
-    side, at most FOLDER_SIZE, a multiple of size_multiple. Smaller and unreadable files are skipped.
-    Transparent pixels become white. Label: the first-level subfolder (-1: none)."""
+    """Every image under root, a centre square of image_size on white; label: its first subfolder."""
     if not root.is_dir():
         raise SystemExit(f"error: --dataset {root}: neither {', '.join(DATASETS)} nor a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     class_names = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
     short_sides = {}
-    for path in files:  # reads the headers only
-        with contextlib.suppress(*UNREADABLE), Image.open(path) as picture:
+    for path in files:  # reads the headers only; Pillow's errors vary: an unreadable file is skipped
+        with contextlib.suppress(Exception), Image.open(path) as picture:
             short_sides[path] = min(picture.size)
-    if image_size is None:
-        median_side = sorted(short_sides.values() or [0])[len(short_sides) // 2]  # [0]: none, an error below
+    if image_size is None:  # the median short side, at most FOLDER_SIZE
+        median_side = sorted(short_sides.values() or [0])[len(short_sides) // 2]
         image_size = max(size_multiple, min(median_side, FOLDER_SIZE) // size_multiple * size_multiple)
         if median_side > FOLDER_SIZE:
             print(f"training at {image_size}×{image_size}, smaller than the images (--image-size to choose)")
     images, labels = [], []
     for path in tqdm([path for path, side in short_sides.items() if side >= image_size],
-                     desc=f"loading {root}", dynamic_ncols=True, leave=False):
-        with contextlib.suppress(*UNREADABLE), Image.open(path) as picture:
+                     desc="loading", leave=False):
+        with contextlib.suppress(Exception), Image.open(path) as picture:
             picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
-            picture = ImageOps.fit(picture.convert("RGB"), (image_size, image_size), Image.Resampling.BICUBIC)
+            picture = ImageOps.fit(picture.convert("RGB"), (image_size, image_size))  # bicubic
             images.append(pil_to_tensor(picture))
             labels.append(class_names.index(path.relative_to(root).parts[0]) if path.parent != root else -1)
     if len(images) < len(files):
@@ -284,7 +278,7 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 # --- training run
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
-    """train_step over the data for --epochs; rank 0 writes ckpt.pt, log.csv, loss.png and grids."""
+    """train_step for --epochs; rank 0 writes ckpt.pt, log.csv, loss.png and the grids."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     images, labels, class_names = training_data(args, device, rank, world_size)
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset])
@@ -302,17 +296,16 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         log = open_log(out / "log.csv", run["step"])
         print(f"{len(images)} images {tuple(images.shape[1:])}, {total_steps} steps of {args.batch_size} on "
               f"{device} × {world_size}" + (f", resuming at step {run['step']}" if run["step"] else ""))
-    bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
     totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
     step = timer_step = run["step"]
-    timer, bad_in_a_row, stop, order_epoch = time.perf_counter(), 0, False, None
+    timer, bad_in_a_row, stop = time.perf_counter(), 0, False
     while step < total_steps and not stop:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:  # depends only on (seed, epoch): a resumed run sees the same batches
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
-            order_epoch = epoch
+        torch.manual_seed(hash((args.seed, epoch)))  # the batches and the noise: the same again on resume
+        order = torch.randperm(len(images))
         batch = order[index_in_epoch * args.batch_size:][:args.batch_size].chunk(world_size)[rank]
-        torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise: the same again on resume
+        torch.manual_seed(hash((args.seed, rank, step)))
         x0 = to_model_range(images[batch.to(device)], args.flip)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
         loss, applied = train_step(train_model, ema, optimizer, sched, x0, step, lr, args.amp)
@@ -321,8 +314,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         run["skipped"] += not applied
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if bad_in_a_row == MAX_BAD_STEPS:
-            raise SystemExit(f"error: the gradient was NaN or inf for {MAX_BAD_STEPS} steps in a row; "
-                             f"{ckpt_path} holds the last good state: lower --lr or --no-amp, and --resume")
+            raise SystemExit(f"error: NaN or inf for {MAX_BAD_STEPS} steps in a row; {ckpt_path} is the last "
+                             f"good state: lower --lr or --no-amp, and --resume")
         if applied:
             totals[0] += loss
             totals[1] += 1
@@ -356,9 +349,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
 
 
 def training_data(args, device: torch.device, rank: int, world_size: int):
-    """load_dataset for the U-Net of --preset, on the device; under DDP, rank 0 downloads first."""
     if rank != 0:
-        dist.barrier()
+        dist.barrier()  # rank 0 downloads first
     images, labels, classes = load_dataset(args.dataset, args.data_dir, args.image_size, args.size_multiple)
     if world_size > 1 and rank == 0:
         dist.barrier()
@@ -369,18 +361,19 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
 
 
 def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
-    """The network, its EMA copy, AdamW and the run's counters: new, or as the checkpoint left them
-    with --resume; never overwrites a run by accident. channels_last: faster on GPUs, slower on CPUs."""
+    """The network, its EMA copy, AdamW and the run's counters: new, or as --resume's checkpoint left them."""
     if ckpt_path.is_file() and not (args.resume or args.auto_resume or args.overwrite):
-        raise SystemExit(f"error: {ckpt_path.parent} holds a training run: continue it with --resume, "
-                         f"start over with --overwrite, or choose another --out")
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        raise SystemExit(f"error: {ckpt_path.parent} holds a run: --resume it, --overwrite it, or use "
+                         f"another --out")
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster there
     model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0, fused=device.type == "cuda")
     run = dict(step=0, elapsed=0.0, skipped=0)  # counters the checkpoint carries
     if args.resume or (args.auto_resume and ckpt_path.is_file()):
-        ckpt = load_checkpoint(ckpt_path, for_training=True)[1]
+        ckpt = load_checkpoint(ckpt_path)[1]
+        if "optimizer" not in ckpt:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: no optimizer in it (made by --export)")
         if ckpt["config"] != config:
             raise SystemExit(f"error: cannot resume {ckpt['config']} with flags that give {config}")
         model.load_state_dict(ckpt["model"])
@@ -391,8 +384,8 @@ def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
 
 
 def catch_stop_signals(world_size: int) -> list:
-    """Ctrl-C (and SIGTERM in one process) is noted in the returned list: train saves and stops; a
-    second one stops at once. Under torchrun SIGTERM means a worker died: stop at once."""
+    """Ctrl-C (and SIGTERM, unless torchrun sent it for a dead worker) is noted: train saves and stops.
+    A second one stops at once."""
     stop_signals = []
 
     def request_stop(signum, _frame):
@@ -404,21 +397,20 @@ def catch_stop_signals(world_size: int) -> list:
 
 
 def lock_out_dir(out: Path):
-    """One training run per --out: a lock on <out>/lock, released by the OS when the process dies,
-    even by kill -9 (POSIX only). Removes a killed run's ckpt.pt.tmp."""
+    """One training run per --out: a lock the OS releases when the process dies, even by kill -9."""
     out.mkdir(parents=True, exist_ok=True)
     handle = open(out / "lock", "w")
     if fcntl is not None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"error: another run is training in {out}: wait for it, or choose another --out")
-    (out / "ckpt.pt.tmp").unlink(missing_ok=True)
+            raise SystemExit(f"error: another run is training in {out}: wait, or choose another --out")
+    (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # a killed run's
     return handle
 
 
 def open_log(path: Path, step: int):
-    """log.csv, written line by line; on resume it keeps the rows up to the step."""
+    """log.csv, a row at a time; on resume it keeps the rows up to the step."""
     rows = list(csv.reader(path.read_text().splitlines()))[1:] if step > 0 and path.is_file() else []
     log = csv.writer(open(path, "w", buffering=1, newline=""), lineterminator="\n")
     log.writerow(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"])
@@ -427,11 +419,10 @@ def open_log(path: Path, step: int):
 
 
 def plot_log(csv_path: Path, png_path: Path) -> None:
-    """loss.png: the loss against the step (needs matplotlib)."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
     except ImportError:
-        print(f"the training record is in {csv_path}; pip install matplotlib to get {png_path.name}")
+        print(f"pip install matplotlib to plot {csv_path}")
         return
     rows = list(csv.DictReader(csv_path.read_text().splitlines()))
     ax = Figure(layout="tight").subplots()
@@ -442,8 +433,7 @@ def plot_log(csv_path: Path, png_path: Path) -> None:
 
 def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
                  gif_path: Path | None = None) -> torch.Tensor:
-    """n samples of the EMA network, the same noise each call, as [0, 1] images on the CPU; their grid
-    (at most 16×16) goes to path, and the reverse process of the first 16 as an animation to gif_path."""
+    """n samples, the same noise each call, in [0, 1] on the CPU; writes their grid (and a GIF of 16)."""
     generator = torch.Generator(sched.betas.device).manual_seed(args.seed)
     images, frames = [], [] if gif_path else None
     for start in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size):
@@ -463,8 +453,7 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
 
 # --- checkpoints and outputs
 def save_checkpoint(path: Path, state: dict) -> None:
-    """A temporary file, flushed to disk, then renamed over the old checkpoint: a kill or a full disk
-    at any moment leaves the previous one whole. Non-finite weights are refused."""
+    """Written to a temporary file, flushed, then renamed: a kill or a full disk leaves the old one whole."""
     if not all(v.isfinite().all() for key in ("model", "ema") for v in state.get(key, {}).values()):
         raise SystemExit(f"error: the weights are NaN or inf: not overwriting {path}")
     tmp = path.with_name(path.name + ".tmp")
@@ -476,28 +465,22 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk, no permission, ...
         tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: could not write {path} ({e}); the previous checkpoint is intact")
+        raise SystemExit(f"error: cannot write {path} ({e}); the previous checkpoint is intact")
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
-                    for_training: bool = False) -> tuple[UNet, dict]:
-    """Its EMA network on the device, and the checkpoint: data only (weights_only), never code."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: no checkpoint at {path} (train first, or pass --ckpt PATH)")
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Its EMA network on the device, and the checkpoint (weights_only: data, never code)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ema = UNet(**ckpt["config"]["unet"]).eval()
         ema.load_state_dict(ckpt["ema"])
-    except Exception as e:  # truncated, foreign, unsafe, ...: one line, no traceback
-        raise SystemExit(f"error: cannot load {path}: not a checkpoint of these scripts "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})")
-    if for_training and "optimizer" not in ckpt:
-        raise SystemExit(f"error: cannot resume from {path}: it holds no optimizer (made by --export)")
+    except Exception as e:  # missing, truncated, foreign, unsafe: one line, no traceback
+        raise SystemExit(f"error: cannot load {path} ({str(e).strip().splitlines()[0]})")
     return ema.to(device), ckpt
 
 
 def sample_only(args, device: torch.device) -> None:
-    """args.n_samples samples of --ckpt's EMA network: a grid, and PNGs if asked; or the pictures of
+    """--n-samples samples of --ckpt's EMA network: a grid, and PNGs if asked; or the pictures of
     --invert, --interpolate, --consistency."""
     ema, ckpt = load_checkpoint(args.ckpt, device)
     sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device,
@@ -571,44 +554,43 @@ def checked_sample_steps(steps: int | None, T: int) -> int:
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: cuda, else mps, else cpu; a named device that is not there is an error."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        return torch.empty(0, device=name).device  # fails for a device that is not there
+        return torch.empty(0, device=name).device  # fails if it is not there
     except (RuntimeError, AssertionError) as e:
         raise SystemExit(f"error: --device {name}: {str(e).strip().splitlines()[0]}")
 
 
-def positive_int(text: str) -> int:  # argparse type
+def positive_int(text: str) -> int:
     if int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return int(text)
 
 
 def bf16_is_native(device: torch.device) -> bool:
-    """Ampere or newer GPUs, CPUs with AVX-512 BF16 or AMX (1.7× faster at 28×28); torch's private checks."""
+    """Ampere or newer GPUs; CPUs with AVX-512 BF16 or AMX (1.7× faster at 28×28)."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
     checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("avx512_bf16", "amx_tile")]
-    return device.type == "cpu" and any(check() for check in checks if check is not None)
+    return device.type == "cpu" and any(check() for check in checks if check is not None)  # None in torch 2.4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="mnist", help="mnist, fashion, cifar10 or a folder")
-    p.add_argument("--data-dir", default="./data", help="torchvision's datasets")
+    p.add_argument("--data-dir", default="./data")
     p.add_argument("--image-size", type=positive_int, help="default: the data's own")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps")
+    p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--batch-size", type=positive_int, default=128, help="global, over all DDP processes")
     p.add_argument("--lr", type=float, help="after a linear warmup")
     p.add_argument("--warmup", type=positive_int, help="steps")
     p.add_argument("--preset", choices=PRESETS, help="U-Net size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/ddim", help="the run's folder")
+    p.add_argument("--out", default="runs/ddim")
     fresh_or_not = p.add_mutually_exclusive_group()
     fresh_or_not.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     fresh_or_not.add_argument("--auto-resume", action="store_true", help="--resume if there is one")
@@ -620,7 +602,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", metavar="PATH", help="no training: copy --ckpt's EMA weights")
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    p.add_argument("--prediction", choices=["eps", "v"], default="eps", help="what the network outputs")
+    p.add_argument("--prediction", choices=["eps", "v"], default="eps", help="the network's output")
     p.add_argument("--sample-steps", type=positive_int, help="S ≤ T; default 50")
     # η = 1: on Fashion-MNIST η = 0 left one sample in five speckled after 2 epochs, η = 1 none
     p.add_argument("--eta", type=float, default=1.0, help="0: deterministic DDIM, 1: DDPM-like")
@@ -636,7 +618,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sample_only = args.sample_only or args.invert or args.interpolate or args.consistency
     args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # the U-Net halves sizes
     if args.image_size and args.image_size % args.size_multiple:
-        p.error(f"--image-size must be a multiple of {args.size_multiple}: the U-Net halves it at each level")
+        p.error(f"--image-size must be a multiple of {args.size_multiple}: the U-Net halves it")
     if args.lr <= 0:
         p.error("--lr must be positive")
     if not 0 <= args.eta <= 1:
@@ -653,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if world_size > 1:  # started by torchrun: one process per GPU, or gloo on the CPU
         if args.sample_only or args.export or args.batch_size % world_size:
-            raise SystemExit("error: under torchrun, train only, with a --batch-size the processes divide")
+            raise SystemExit("error: torchrun only trains, with a --batch-size the processes divide")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -666,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.amp = bf16_is_native(device) if args.amp is None else args.amp
     try:  # the expected failures end in one line
-        if args.export:  # a sampling-only copy: EMA weights and config, a third the size
+        if args.export:  # for sampling only: EMA weights and config, a third the size
             ckpt = load_checkpoint(args.ckpt)[1]
             save_checkpoint(Path(args.export), {key: ckpt[key] for key in ("ema", "config", "step", "args")})
             print(f"wrote {args.export}: the EMA weights of {args.ckpt} at step {ckpt['step']}")
@@ -679,7 +661,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
             raise
         raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size")
-    except OSError as e:  # a full disk, a folder without write permission, ...
+    except OSError as e:  # a full disk, no write permission, ...
         raise SystemExit(f"error: {e}")
     if world_size > 1:
         dist.destroy_process_group()

@@ -869,7 +869,7 @@ def ddpm_main(tiny_data: Path, out: Path, *extra: str) -> None:
 
 def test_a_fresh_run_never_overwrites_a_run(ddpm_ckpt, tiny_data, tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(ddpm_ckpt.read_bytes())
-    with pytest.raises(SystemExit, match="holds a training run.*--resume.*--overwrite"):
+    with pytest.raises(SystemExit, match="holds a run.*--resume.*--overwrite"):
         ddpm_main(tiny_data, tmp_path, "--max-steps", "2")
     assert (tmp_path / "ckpt.pt").read_bytes() == ddpm_ckpt.read_bytes()
     ddpm_main(tiny_data, tmp_path, "--max-steps", "2", "--overwrite", "--n-samples", "1")
