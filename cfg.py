@@ -442,7 +442,8 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path, gif_path:
     y = grid_labels(n, ema.num_classes, args.class_label) if y is None else y
     guidance = args.guidance if guidance is None else guidance
     generator = torch.Generator(sched.betas.device).manual_seed(args.seed)
-    images, frames = [], [] if gif_path else None
+    images = []
+    frames = [] if gif_path else None
     for start in tqdm(range(0, len(y), args.batch_size), desc="batches", disable=len(y) <= args.batch_size):
         y_batch = y[start:start + args.batch_size].to(sched.betas.device)
         shape = (len(y_batch), ema.conv_in.in_channels, ema.image_size, ema.image_size)

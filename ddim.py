@@ -435,7 +435,8 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
                  gif_path: Path | None = None) -> torch.Tensor:
     """n samples, the same noise each call, in [0, 1] on the CPU; writes their grid (and a GIF of 16)."""
     generator = torch.Generator(sched.betas.device).manual_seed(args.seed)
-    images, frames = [], [] if gif_path else None
+    images = []
+    frames = [] if gif_path else None
     for start in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size):
         shape = (min(args.batch_size, n - start), ema.conv_in.in_channels, ema.image_size, ema.image_size)
         with torch.autocast(sched.betas.device.type, torch.bfloat16, enabled=args.amp):
