@@ -227,8 +227,8 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_m
     try:
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
-        raise SystemExit(f"error: cannot download {name} ({e}); offline, put its unpacked files in {raw} "
-                         f"(cifar10: {data_dir}/cifar-10-batches-py)")
+        raise SystemExit(f"error: cannot load or download {name} ({e}); offline, put its unpacked files in "
+                         f"{raw} (cifar10: {data_dir}/cifar-10-batches-py)")
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
     if image_size and image_size != images.shape[-1]:
@@ -471,11 +471,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
     """Its EMA network on the device, and the checkpoint (weights_only: data, never code)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no checkpoint at {path} (train first, or pass --ckpt PATH)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         ema = UNet(**ckpt["config"]["unet"]).eval()
         ema.load_state_dict(ckpt["ema"])
-    except Exception as e:  # missing, truncated, foreign, unsafe: one line, no traceback
+    except Exception as e:  # truncated, foreign, unsafe: one line, no traceback
         raise SystemExit(f"error: cannot load {path} ({str(e).strip().splitlines()[0]})")
     return ema.to(device), ckpt
 
