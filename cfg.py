@@ -292,13 +292,14 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
     totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
     step = timer_step = run["step"]
-    timer, bad_in_a_row, stop = time.perf_counter(), 0, False
+    timer, bad_in_a_row, stop, order = time.perf_counter(), 0, False, None
     while step < total_steps and not stop:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        torch.manual_seed(hash((args.seed, epoch)))  # the batches and the noise: the same again on resume
-        order = torch.randperm(len(images))
+        if order is None or index_in_epoch == 0:  # from (seed, epoch) alone: the same again on resume
+            generator = torch.Generator().manual_seed(hash((args.seed, epoch)))
+            order = torch.randperm(len(images), generator=generator)
         batch = order[index_in_epoch * args.batch_size:][:args.batch_size].chunk(world_size)[rank]
-        torch.manual_seed(hash((args.seed, rank, step)))
+        torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise: the same again on resume
         x0 = to_model_range(images[batch.to(device)], args.flip)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
         y = drop_labels(labels[batch.to(device)], args.p_uncond, len(class_names))
