@@ -90,7 +90,7 @@ FAST = ["--dataset", "mnist", "--device", "cpu", "--batch-size", "8", "--timeste
 
 
 def one_line_error(script, args: list[str], capsys) -> str:
-    """script.main(args) in this process (a subprocess adds ~5 s of imports here) must end in a
+    """script.main(args) in this process (a subprocess adds ~6 s of imports here) must end in a
     SystemExit: a one-line message "error: …", or argparse's usage and error on stderr. Any other
     exception, which would print a traceback, fails the test."""
     with pytest.raises(SystemExit) as exit_info:
