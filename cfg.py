@@ -46,10 +46,12 @@ DATASET_DEFAULTS = {
     "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000, flip=True),
     "folder": dict(preset="small", lr=1e-3, warmup=200, flip=True, batch_size=32, prediction="v"),
 }
-IMAGES_PER_FOLDER_RUN = 50_000  # a folder's default --epochs: about 30 minutes of a 2-core CPU at 32×32
+FOLDER_MINUTES = 30  # a folder's default length: training sized to half an hour of this machine
+MEASURE_STEPS = 50  # steps whose speed sizes it, after the first log row (start-up, compiling)
 FOLDER_SIZE = 64    # a folder's largest default --image-size: a laptop's
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
 CKPT_EVERY = 500    # most steps between checkpoints (or each epoch) and between sample grids
+GRID_SHARE = 0.1    # most of the run's time that the sample grids may take
 MAX_BAD_STEPS = 20  # stop after this many NaN/inf steps in a row
 
 
@@ -282,17 +284,17 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
     steps_per_epoch = len(images) // args.batch_size
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    run["epochs"] = args.epochs or run["epochs"]  # None: a folder's default, sized once the speed is known
+    total_steps = min(steps_per_epoch * (run["epochs"] or math.inf), args.max_steps or math.inf)
     grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # short epochs: fewer grids
     stop_signals = catch_stop_signals(world_size)
-    if rank == 0:
-        log = open_log(out / "log.csv", run["step"])
-        print(f"{len(images)} images {tuple(images.shape[1:])}, {total_steps} steps of {args.batch_size} on "
-              f"{device} × {world_size}" + (f", resuming at step {run['step']}" if run["step"] else ""))
+    log = open_log(out / "log.csv", run["step"]) if rank == 0 else None
+    announce(images, total_steps, args, device, rank, world_size, run)  # once the length is known
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
     totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
     step = timer_step = run["step"]
     timer, bad_in_a_row, stop, order = time.perf_counter(), 0, False, None
+    measured_from = None  # the first row's (step, elapsed): the speed is measured after start-up
     while step < total_steps and not stop:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         if order is None or index_in_epoch == 0:  # from (seed, epoch) alone: the same again on resume
@@ -328,11 +330,17 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                               f"{images_per_s:.1f}", f"{run['elapsed']:.1f}", run["skipped"]])
             totals.zero_()
             timer, timer_step = time.perf_counter(), step
+            measured_from = measured_from or (step, run["elapsed"])
+            if total_steps == math.inf and step - measured_from[0] >= MEASURE_STEPS:
+                total_steps = bar.total = size_run(measured_from, run, images, args, device, rank, world_size)
         if rank == 0 and (stop or step == total_steps or step % min(CKPT_EVERY, steps_per_epoch) == 0):
             weights = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict())
             save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), **run))
-        if rank == 0 and not stop and step % grid_every == 0 and step < total_steps:
+        if (rank == 0 and not stop and step % grid_every == 0 and step < total_steps
+                and run["grid_seconds"] <= GRID_SHARE * run["elapsed"]):  # 1000-step grids come less often
+            grid_start = time.perf_counter()
             save_samples(ema, sched, 2 * len(class_names), args, out / f"samples_epoch{epoch + 1}.png")
+            run["grid_seconds"] += time.perf_counter() - grid_start
     bar.close()
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C while sampling stops at once
         signal.signal(signum, signal.SIG_DFL)
@@ -360,8 +368,39 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     args.class_label = class_index(args.class_label, classes)
     if len(images) < args.batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
-    args.epochs = args.epochs or max(1, round(IMAGES_PER_FOLDER_RUN / len(images)))  # a folder's default
     return images.to(device), labels.to(device), classes
+
+
+def size_run(measured_from: tuple[int, float], run: dict, images: torch.Tensor, args, device: torch.device,
+             rank: int, world_size: int) -> int:
+    """A folder's default length, in whole epochs (into run): those that fill FOLDER_MINUTES of training
+    at the speed measured since measured_from (step, elapsed), never ending before this step."""
+    steps_per_epoch = len(images) // args.batch_size
+    seconds_per_step = (run["elapsed"] - measured_from[1]) / (run["step"] - measured_from[0])
+    planned_steps = run["step"] + (FOLDER_MINUTES * 60 - run["elapsed"]) / seconds_per_step
+    decision = [max(1, math.ceil(run["step"] / steps_per_epoch), round(planned_steps / steps_per_epoch)),
+                seconds_per_step]
+    if world_size > 1:
+        dist.broadcast_object_list(decision, src=0)  # rank 0's: every rank trains as many steps
+    run["epochs"], seconds_per_step = decision
+    announce(images, run["epochs"] * steps_per_epoch, args, device, rank, world_size, run, seconds_per_step)
+    return run["epochs"] * steps_per_epoch
+
+
+def announce(images: torch.Tensor, total_steps: int, args, device: torch.device, rank: int, world_size: int,
+             run: dict, seconds_per_step: float = 0.0) -> None:
+    """Rank 0's start line, once the length is known; for a length sized by speed, how long it takes and
+    how to choose another."""
+    line = (f"{len(images)} images {tuple(images.shape[1:])}, {total_steps} steps of {args.batch_size} "
+            f"on {device} × {world_size}")
+    if seconds_per_step:
+        minutes, images_per_s = total_steps * seconds_per_step / 60, args.batch_size / seconds_per_step
+        line += (f": about {minutes:.0f} min at {images_per_s:.0f} images/s "
+                 f"(--epochs {run['epochs']} repeats this length, --epochs N sets another)")
+    elif run["step"]:
+        line += f", resuming at step {run['step']}"
+    if rank == 0 and total_steps < math.inf:
+        tqdm.write(line)
 
 
 def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
@@ -374,7 +413,7 @@ def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
     model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    run = dict(step=0, elapsed=0.0, skipped=0)  # counters the checkpoint carries
+    run = dict(step=0, elapsed=0.0, skipped=0, epochs=None, grid_seconds=0.0)  # the checkpoint carries these
     if args.resume or (args.auto_resume and ckpt_path.is_file()):
         ckpt = load_checkpoint(ckpt_path)[1]
         if "optimizer" not in ckpt:
@@ -384,7 +423,7 @@ def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        run.update({key: ckpt[key] for key in run})
+        run.update({key: ckpt[key] for key in run if key in ckpt})  # older checkpoints: no epochs
     return model, ema, optimizer, run
 
 

@@ -1,21 +1,37 @@
-"""A small offline sample-quality measure for 28×28 grayscale datasets (Fashion-MNIST, MNIST).
+"""A small offline sample-quality measure: for Fashion-MNIST and MNIST, and for any folder of images.
 
-FID needs Inception-v3 weights, which need the internet and say little about 28×28 grayscale
-images. The idea here is the same with a small network trained on the spot: a CNN classifier,
-trained on the held-out t10k split, maps images to 128-d features; the Fréchet distance between
-Gaussians fitted to the features of generated samples and of the real training split (all 60,000)
-says how far the samples are from the data. For class-conditional samples, the classifier also
-says how often a sample shows the class it was meant to show.
+FID needs Inception-v3 weights, which need the internet and say little about small images. The idea
+here is the same with a small network trained on the spot, which maps images to 128-d features; the
+Fréchet distance between Gaussians fitted to the features of generated samples and of real images
+says how far the samples are from the data.
+
+Fashion-MNIST, MNIST: a CNN classifier trained on the held-out t10k split; the real images are the
+whole training split (60,000). For class-conditional samples, it also says how often a sample shows
+the class it was meant to show.
 
     python quality.py runs/ddpm/pngs --dataset fashion     # one line per folder of PNGs
     python quality.py --reference --dataset fashion        # real / blurred / noise, for scale
 
-The classifier and the real-feature statistics are cached in ~/.cache/minimal-diffusion-quality/.
-Distances are only comparable at the same number of samples (the estimate is biased upwards,
-roughly as 1/n) and with the same cached classifier. From Python: `from quality import measure`.
+A folder of images, read as the training scripts read it (`--dataset path/to/folder`): a fifth of it
+(at most 1,000 images) is held out; the network trains on the rest, as a classifier of the
+first-level subfolders when there are at least two, otherwise to tell each image from all the others
+under small random shifts (instance discrimination, which needs no labels): 12 s on one CPU core for
+the 1,404 emoji of 32×32. The real images are the rest; the held-out ones are real images that the
+network never saw, like samples; --reference measures at most as many images as are held out.
+
+    python quality.py --reference --dataset data/emoji         # held-out real / blurred / noise; n 280
+    python ddim.py --sample-only --out runs/emoji --n-samples 280 --save-pngs runs/emoji/pngs
+    python quality.py runs/emoji/pngs --dataset data/emoji     # at the samples' image size
+
+Networks and real-feature statistics are cached in ~/.cache/minimal-diffusion-quality/ (a folder's
+are retrained when its file list changes). Distances are only comparable at the same number of
+samples (the estimate is biased upwards, roughly as 1/n; --reference prints its n) and with the same
+cached network, so a folder's numbers mean nothing next to another folder's. From Python:
+`from quality import measure`.
 """
 import argparse
 import gzip
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -26,11 +42,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from ddpm import IMAGE_SUFFIXES, load_folder
+
 CACHE_DIR = Path.home() / ".cache" / "minimal-diffusion-quality"
 # Where to look without --data-dir: Debian's dataset-fashion-mnist package, and the repo's ./data
 DEFAULT_DATA_DIRS = {"fashion": ["/usr/share/datasets/fashion-mnist", "./data"], "mnist": ["./data"]}
 TORCHVISION_NAMES = {"fashion": "FashionMNIST", "mnist": "MNIST"}  # <data-dir>/<name>/raw/
 EPOCHS, BATCH, LR, SEED = 8, 64, 2e-3, 0  # LR is the peak of a one-cycle schedule
+FOLDER_EPOCHS = 10  # on the emoji, 20 or 30 epochs memorized the images and told corruptions apart less
+SHIFT = 2  # a folder's training images move by up to this many pixels: no one pixel tells them apart
+MAX_HELD_OUT, MAX_TRAIN = 1000, 5000  # a folder's held-out part; at most MAX_TRAIN training images (time)
+SIZE_MULTIPLE = 4  # the training scripts' default image size for a folder is a multiple of this
 CACHE_VERSION = 1  # bump when the network or its training changes, so old caches are retrained
 
 # ----------------------------------------------------------------------------- data
@@ -65,35 +87,40 @@ FASHION_CLASSES = ["T-shirt-top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot"]
 
 
-def read_pngs(folder: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The PNGs of a --save-pngs folder as uint8 (N, 1, 28, 28), and their intended labels when
-    every name is cfg.py's {class name}_{i:06d}.png of a Fashion-MNIST class (otherwise None)."""
+def read_pngs(folder: str) -> tuple[torch.Tensor, list[str | None]]:
+    """The PNGs of a --save-pngs folder as uint8 (N, 3, H, W), and the class name of each when its file
+    name is cfg.py's {class name}_{i:06d}.png (otherwise None)."""
     paths = sorted(Path(folder).glob("*.png"))
     if not paths:
         raise SystemExit(f"error: no PNG files in {folder}")
-    # save_image writes gray as RGB with R = G = B; Pillow's "L" conversion gives that value back exactly
-    images = np.stack([np.asarray(Image.open(p).convert("L")) for p in paths])
-    if images.shape[1:] != (28, 28):
-        raise SystemExit(f"error: {folder}: images are {images.shape[1]}×{images.shape[2]}, not 28×28")
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]  # save_image writes gray as R = G = B
+    if len({image.shape for image in images}) > 1:
+        raise SystemExit(f"error: the PNGs in {folder} differ in size")
     matches = [re.fullmatch(r"(.+)_\d+\.png", p.name) for p in paths]
     names = [m.group(1) if m else None for m in matches]
-    if not set(names) <= set(FASHION_CLASSES):
-        return torch.from_numpy(images)[:, None], None
-    labels = torch.tensor([FASHION_CLASSES.index(name) for name in names])
-    return torch.from_numpy(images)[:, None], labels
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), names
+
+
+def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a folder's held-out part (a fifth, at most MAX_HELD_OUT) and of the rest, seeded."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SEED))
+    n_held_out = min(n // 5, MAX_HELD_OUT)
+    return order[:n_held_out], order[n_held_out:]
 
 # ----------------------------------------------------------------------------- classifier
 
 
 class Classifier(nn.Module):
-    """Three conv blocks (28 → 14 → 7 → 3), a 128-d feature layer, a linear head over 10 classes."""
+    """Three conv blocks (28 → 14 → 7 → 3 for Fashion-MNIST), a 128-d feature layer, a linear head (over
+    classes, or for instance discrimination over the training images)."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, channels: int = 1, image_size: int = 28, num_outputs: int = 10):
         super().__init__()
-        self.conv = nn.Sequential(*[layer for c_in, c_out in [(1, 32), (32, 64), (64, 64)] for layer in (
+        widths = [(channels, 32), (32, 64), (64, 64)]
+        self.conv = nn.Sequential(*[layer for c_in, c_out in widths for layer in (
             nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))])
-        self.fc = nn.Linear(64 * 3 * 3, 128)
-        self.head = nn.Linear(128, num_classes)
+        self.fc = nn.Linear(64 * (image_size // 8) ** 2, 128)
+        self.head = nn.Linear(128, num_outputs)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc(self.conv(x).flatten(1)))  # the 128-d features the distance uses
@@ -119,25 +146,38 @@ def gaussian(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return feats.mean(0), torch.cov(feats.T)
 
 
+def random_shift(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """The batch moved by up to shift pixels each way (one draw a batch), edges repeated."""
+    dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=gen).tolist()
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    return padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+
+
+def fit(model: Classifier, images: torch.Tensor, targets: torch.Tensor, epochs: int, shift: int = 0) -> float:
+    """Cross-entropy with Adam and a one-cycle schedule, seeded; returns the seconds it took."""
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    steps = epochs * -(-len(images) // BATCH)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)  # warm up, anneal
+    gen = torch.Generator().manual_seed(SEED)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(images), generator=gen).split(BATCH):
+            x = to_input(images[idx])
+            loss = F.cross_entropy(model(random_shift(x, shift, gen) if shift else x), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    return time.perf_counter() - start
+
+
 def train_classifier(dataset: str, data_dir: str) -> dict:
     """Train on t10k (seeded), check on train (never seen), and keep train's feature statistics."""
     torch.manual_seed(SEED)
     images, labels = read_idx(data_dir, dataset, "t10k")
     model = Classifier()
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    steps = EPOCHS * -(-len(images) // BATCH)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)  # warm up, anneal
-    gen = torch.Generator().manual_seed(SEED)
-    start = time.perf_counter()
-    for _ in range(EPOCHS):
-        model.train()
-        for idx in torch.randperm(len(images), generator=gen).split(BATCH):
-            loss = F.cross_entropy(model(to_input(images[idx])), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-    train_seconds = time.perf_counter() - start
+    train_seconds = fit(model, images, labels, EPOCHS)
     real_images, real_labels = read_idx(data_dir, dataset, "train")
     feats, preds = run_classifier(model, real_images)
     accuracy = (preds == real_labels).double().mean().item()
@@ -148,18 +188,64 @@ def train_classifier(dataset: str, data_dir: str) -> dict:
                 accuracy=accuracy, n_real=len(real_images))
 
 
-def load(dataset: str = "fashion", data_dir: str | None = None, cache: str | None = None) -> tuple[Classifier, dict]:
-    """The classifier and the real statistics from the cache file; trained and cached on first use."""
-    path = Path(cache) if cache else CACHE_DIR / f"{dataset}_classifier.pt"
+def train_folder(root: Path, image_size: int) -> dict:
+    """Train on the folder less its held-out part (seeded): a classifier of its subfolders when there are
+    two or more, else instance discrimination (one output per image); keep the rest's feature statistics."""
+    torch.manual_seed(SEED)
+    images, labels, classes = load_folder(root, image_size, SIZE_MULTIPLE)
+    held_out, rest = split(len(images))
+    if len(classes) >= 2:
+        labelled = rest[labels[rest] >= 0][:MAX_TRAIN]  # files directly in root count in the statistics only
+        train, targets, task = images[labelled], labels[labelled], f"a classifier of {len(classes)} classes"
+    else:
+        classes = []
+        train, task = images[rest[:MAX_TRAIN]], "instance discrimination"
+        targets = torch.arange(len(train))
+    network = dict(channels=images.shape[1], image_size=image_size, num_outputs=len(classes) or len(train))
+    model = Classifier(**network)
+    train_seconds = fit(model, train, targets, FOLDER_EPOCHS, SHIFT)
+    line = (f"trained the feature network for {root}, {task}, on {len(train)} images of {image_size}×"
+            f"{image_size} ({FOLDER_EPOCHS} epochs) in {train_seconds:.0f} s")
+    if classes:
+        preds = run_classifier(model, images[held_out])[1]
+        line += f"; accuracy on the held-out images: {(preds == labels[held_out]).double().mean().item():.2%}"
+    print(line)
+    mu, sigma = gaussian(run_classifier(model, images[rest])[0])
+    return dict(version=CACHE_VERSION, dataset=str(root.resolve()), network=network, classes=classes,
+                state_dict=model.state_dict(), mu=mu, sigma=sigma, n_real=len(rest))
+
+
+def folder_digest(root: Path, image_size: int) -> str:
+    """A hash of the image size and the folder's file list (names, sizes, modification times)."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    listing = [f"{p.relative_to(root)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha1("\n".join([str(image_size), *listing]).encode()).hexdigest()
+
+
+def load(dataset: str = "fashion", data_dir: str | None = None, cache: str | None = None,
+         image_size: int = 28) -> tuple[Classifier, dict]:
+    """The network and the real statistics from the cache file; trained and cached on first use, and
+    again when CACHE_VERSION or (for a folder) the folder's file list or the image size changed."""
+    if dataset in TORCHVISION_NAMES:
+        if image_size != 28:
+            raise SystemExit(f"error: {dataset} images are 28×28, not {image_size}×{image_size}")
+        name, digest, default = dataset, None, f"{dataset}_classifier.pt"
+    else:
+        name, digest = str(Path(dataset).resolve()), folder_digest(Path(dataset), image_size)
+        default = f"folder_{Path(name).name}_{hashlib.sha1(name.encode()).hexdigest()[:8]}_{image_size}px.pt"
+    path = Path(cache) if cache else CACHE_DIR / default
     ckpt = torch.load(path, weights_only=True) if path.exists() else None
-    if ckpt is not None and ckpt.get("dataset") != dataset:
-        raise SystemExit(f"error: {path} holds a classifier for {ckpt.get('dataset')}, not {dataset}")
-    if ckpt is None or ckpt["version"] != CACHE_VERSION:
-        ckpt = train_classifier(dataset, data_dir)
+    if ckpt is not None and ckpt.get("dataset") != name:
+        raise SystemExit(f"error: {path} holds a network for {ckpt.get('dataset')}, not {name}")
+    if ckpt is None or ckpt["version"] != CACHE_VERSION or ckpt.get("files") != digest:
+        if digest is None:
+            ckpt = train_classifier(dataset, data_dir)
+        else:
+            ckpt = dict(train_folder(Path(dataset), image_size), files=digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt, path)
         print(f"cached it in {path}")
-    model = Classifier()
+    model = Classifier(**ckpt.get("network", {}))
     model.load_state_dict(ckpt["state_dict"])
     return model, ckpt
 
@@ -176,21 +262,25 @@ def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2:
     return max(((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross).item(), 0.0)
 
 
-def measure(images: torch.Tensor | np.ndarray, labels: torch.Tensor | None = None, *, dataset: str = "fashion",
-            data_dir: str | None = None, cache: str | None = None) -> dict:
-    """Quality of samples (N, 28, 28) or (N, 1, 28, 28): uint8 in [0, 255], or float in [0, 1] (what
-    the samplers return; quantized like save_image, so a PNG folder and its tensor score the same).
-    Returns n, the Fréchet distance to the real train split, and with labels (the intended classes)
-    the fraction classified as intended, overall and per class."""
+def measure(images: torch.Tensor | np.ndarray, labels: torch.Tensor | None = None, *,
+            dataset: str = "fashion", data_dir: str | None = None, cache: str | None = None) -> dict:
+    """Quality of samples (N, C, H, W) or gray (N, H, W): uint8 in [0, 255], or float in [0, 1] (what the
+    samplers return; quantized like save_image, so a PNG folder and its tensor score the same). dataset:
+    fashion or mnist (28×28), or a folder (measured at the samples' size). Returns n, the Fréchet distance
+    to the real images, and with labels (the intended classes) the fraction classified as intended,
+    overall and per class."""
     images = torch.as_tensor(images)
     if images.is_floating_point():
         if images.min() < -0.05:
             raise ValueError("float images must be in [0, 1]; from [-1, 1] pass (x + 1) / 2")
         images = images.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    images = images.reshape(-1, 1, 28, 28)
+    if images.ndim == 3:
+        images = images[:, None]
     if len(images) < 2:
         raise ValueError("need at least 2 samples for a covariance (and far more for a useful distance)")
-    model, ref = load(dataset, data_dir, cache)
+    model, ref = load(dataset, data_dir, cache, images.shape[-1])
+    if images.shape[1] == 3 and model.conv[0].in_channels == 1:  # save_image writes gray as R = G = B
+        images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
     feats, preds = run_classifier(model, images)
     mu, sigma = gaussian(feats)
     result = dict(n=len(images), fd=frechet_distance(mu, sigma, ref["mu"], ref["sigma"]))
@@ -211,41 +301,72 @@ def describe(name: str, r: dict) -> str:
     return line
 
 
-def reference(args) -> None:
-    """Distances of 1,000 real test images (which the classifier trained on), 1,000 unseen real
-    train images, the latter blurred by a 3×3 box filter, and 1,000 images of uniform noise."""
-    common = dict(dataset=args.dataset, data_dir=args.data_dir, cache=args.cache)
-    load(**common)  # train first, so the timings below are of measuring alone
+def reference_cases(dataset: str, data_dir: str | None, cache: str | None, n: int,
+                    image_size: int | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(name, images, labels) of n real images, the same blurred by a 3×3 box filter, and uniform noise.
+    Fashion-MNIST/MNIST: test images (which the classifier trained on) and unseen train images. A folder
+    (at image_size, default as the training scripts choose it): images the network trained on and
+    held-out images (unseen, like samples), at most as many as are held out."""
     gen = torch.Generator().manual_seed(SEED)
-    test, test_labels = read_idx(args.data_dir, args.dataset, "t10k")
-    train, train_labels = read_idx(args.data_dir, args.dataset, "train")
-    i, j = torch.randperm(len(test), generator=gen)[:1000], torch.randperm(len(train), generator=gen)[:1000]
-    blurred = F.avg_pool2d(train[j].float(), 3, stride=1, padding=1, count_include_pad=False)
-    cases = [("real test images (seen in training)", test[i], test_labels[i]),
-             ("real train images (unseen)", train[j], train_labels[j]),
-             ("same, 3×3 box blur", blurred.round().to(torch.uint8), train_labels[j]),
-             ("uniform noise", torch.randint(0, 256, (1000, 1, 28, 28), dtype=torch.uint8, generator=gen), None)]
+    if dataset in TORCHVISION_NAMES:
+        load(dataset, data_dir, cache)  # train first: the timings of measure() are then of measuring alone
+        test, test_labels = read_idx(data_dir, dataset, "t10k")
+        train, train_labels = read_idx(data_dir, dataset, "train")
+        i, j = torch.randperm(len(test), generator=gen)[:n], torch.randperm(len(train), generator=gen)[:n]
+        cases = [("real test images (seen in training)", test[i], test_labels[i]),
+                 ("real train images (unseen)", train[j], train_labels[j])]
+    else:
+        images, labels, _ = load_folder(Path(dataset), image_size, SIZE_MULTIPLE)
+        classes = load(dataset, cache=cache, image_size=images.shape[-1])[1]["classes"]
+        held_out, rest = split(len(images))
+        n = min(n, len(held_out))
+        cases = [(name, images[k], labels[k] if classes else None) for name, k in [
+            ("real images the network trained on (and in the statistics)", rest[:n]),
+            ("real images held out (unseen, like new samples)", held_out[:n])]]
+    real, real_labels = cases[-1][1:]
+    blurred = F.avg_pool2d(real.float(), 3, stride=1, padding=1, count_include_pad=False)
+    noise = torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=gen)
+    return cases + [("same, 3×3 box blur", blurred.round().to(torch.uint8), real_labels),
+                    ("uniform noise", noise, None)]
+
+
+def reference(args) -> None:
+    """The distances of reference_cases, args.n (default 1,000) images each."""
+    cases = reference_cases(args.dataset, args.data_dir, args.cache, args.n or 1000, args.image_size)
+    n, size = len(cases[-1][1]), cases[-1][1].shape[-1]
+    print(f"n = {n} images each, {size}×{size}: compare samples at the same n (--n-samples {n}, "
+          f"or --n {n} here); the distance grows as n shrinks")
     for name, images, labels in cases:
         start = time.perf_counter()
-        r = measure(images, labels, **common)
+        r = measure(images, labels, dataset=args.dataset, data_dir=args.data_dir, cache=args.cache)
         print(f"{describe(name, r)}  [{time.perf_counter() - start:.2f} s]")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="*", metavar="DIR", help="folders of PNGs written by --save-pngs")
-    p.add_argument("--dataset", default="fashion", choices=sorted(TORCHVISION_NAMES))
+    p.add_argument("--dataset", default="fashion", help="fashion (default), mnist, or a folder of images")
     p.add_argument("--data-dir", help="IDX files, plain or in torchvision's <Name>/raw layout "
                    "(default: /usr/share/datasets/fashion-mnist or ./data for fashion, ./data for mnist)")
-    p.add_argument("--cache", help=f"classifier file (default {CACHE_DIR}/<dataset>_classifier.pt)")
+    p.add_argument("--cache", help=f"network file (default in {CACHE_DIR})")
     p.add_argument("--reference", action="store_true", help="distances of real, blurred and noise images")
+    p.add_argument("--n", type=int, help="measure the first N PNGs of each DIR (default all); --reference: "
+                   "N images each (default 1000; a folder: at most its held-out fifth)")
+    p.add_argument("--image-size", type=int, help="a folder's image size for --reference (default: as the "
+                   "training scripts choose it); DIRs are measured at their own size")
     args = p.parse_args()
     if not args.dirs and not args.reference:
         p.error("give folders of PNGs, or --reference")
+    if args.dataset not in TORCHVISION_NAMES and not Path(args.dataset).is_dir():
+        p.error(f"--dataset {args.dataset}: neither fashion, mnist nor a folder")
     if args.reference:
         reference(args)
     for folder in args.dirs:
         start = time.perf_counter()
-        images, labels = read_pngs(folder)
+        images, names = read_pngs(folder)
+        images, names = images[:args.n], names[:args.n]
+        ref = load(args.dataset, args.data_dir, args.cache, images.shape[-1])[1]
+        classes = ref.get("classes", FASHION_CLASSES)  # cfg.py's file names give the intended classes
+        labels = torch.tensor([classes.index(name) for name in names]) if set(names) <= set(classes) else None
         r = measure(images, labels, dataset=args.dataset, data_dir=args.data_dir, cache=args.cache)
         print(f"{describe(folder, r)}  [{time.perf_counter() - start:.2f} s]")

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_all.py        (under ~3 minutes on 2 CPU cores)
 """
+import argparse
 import copy
 import inspect
 import math
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw
 import cfg
 import ddim
 import ddpm
+import quality
 import unet
 from unet import PRESETS, UNet, timestep_embedding
 
@@ -1164,6 +1166,96 @@ def test_running_out_of_memory_is_one_line_naming_the_sizes(tiny_data, tmp_path,
         ddpm_main(tiny_data, tmp_path, "--max-steps", "1", "--overwrite")
 
 
+# ----------------------------------------------------------------------------- a folder run sized to the machine
+
+class FakeClock:
+    """time.perf_counter for a script: each call is `seconds` later. train() reads it twice a log row
+    (10 steps), so a row lasts `seconds`. Once `stop_after` seconds have passed, it presses Ctrl-C."""
+
+    def __init__(self, seconds: float, stop_after: float = math.inf):
+        self.now, self.seconds, self.stop_after, self.stop_signals = 0.0, seconds, stop_after, []
+
+    def perf_counter(self) -> float:
+        self.now += self.seconds
+        if self.now >= self.stop_after:
+            self.stop_signals.append(signal.SIGINT)
+        return self.now
+
+
+def folder_run(folder: Path, out: Path, monkeypatch, *extra: str, stop_after: float = math.inf) -> dict:
+    """ddpm.py on 16 images of 16×16 at batch 8 (2 steps an epoch) by a fake clock of 225 s a log row:
+    22.5 s a step. Returns the checkpoint."""
+    clock = FakeClock(225.0, stop_after)
+    monkeypatch.setattr(ddpm, "time", clock)
+    monkeypatch.setattr(ddpm, "catch_stop_signals", lambda world_size: clock.stop_signals)
+    ddpm.main(["--dataset", str(folder), "--image-size", "16", "--device", "cpu", "--batch-size", "8",
+               "--timesteps", "4", "--n-samples", "2", "--no-amp", "--out", str(out), *extra])
+    return torch.load(out / "ckpt.pt", weights_only=True)
+
+
+def test_a_folder_run_trains_for_the_half_hour_its_measured_speed_gives(tmp_path, monkeypatch, capsys):
+    folder = write_image_folder(tmp_path / "shapes", colour=True)
+    ckpt = folder_run(folder, tmp_path / "run", monkeypatch)
+    # measured from the first row (step 10, 225 s) to step 60 (1,350 s): 22.5 s a step, 1,800 s at step 80
+    assert ckpt["step"] == 80 and ckpt["epochs"] == 40 and "epochs" not in ckpt["config"]
+    assert ckpt["elapsed"] == pytest.approx(ddpm.FOLDER_MINUTES * 60)
+    out = capsys.readouterr().out
+    assert ("16 images (3, 16, 16), 80 steps of 8 on cpu × 1: about 30 min at 0 images/s "
+            "(--epochs 40 repeats this length, --epochs N sets another)") in out
+    repeated = folder_run(folder, tmp_path / "repeated", monkeypatch, "--epochs", "40")
+    for name, value in ckpt["ema"].items():  # the printed --epochs is the same run
+        torch.testing.assert_close(repeated["ema"][name], value, msg=name)
+
+
+def test_resume_keeps_the_chosen_end_and_epochs_or_max_steps_set_the_length(tmp_path, monkeypatch, capsys):
+    folder = write_image_folder(tmp_path / "shapes", colour=True)
+    out = tmp_path / "run"
+    assert folder_run(folder, out, monkeypatch, stop_after=2700)["step"] == 70  # Ctrl-C after sizing
+    assert "80 steps of 8" in capsys.readouterr().out
+    ckpt = folder_run(folder, out, monkeypatch, "--resume")
+    assert (ckpt["step"], ckpt["epochs"]) == (80, 40)  # the same end, not measured again
+    assert "80 steps of 8 on cpu × 1, resuming at step 70" in capsys.readouterr().out
+    ckpt = folder_run(folder, out, monkeypatch, "--resume", "--epochs", "45")
+    assert (ckpt["step"], ckpt["epochs"]) == (90, 45)
+    ckpt = folder_run(folder, tmp_path / "smoke", monkeypatch, "--max-steps", "3")
+    assert (ckpt["step"], ckpt["epochs"]) == (3, None)  # no measuring phase
+    assert "16 images (3, 16, 16), 3 steps of 8 on cpu × 1\n" in capsys.readouterr().out
+
+
+def test_grids_take_at_most_a_tenth_of_the_run(tmp_path, monkeypatch):
+    """A grid is due every 4 steps here, and takes 225 s by the fake clock (and adds 450 s to its row):
+    one is made only while the grids so far have taken at most a tenth of the time."""
+    monkeypatch.setattr(ddpm, "CKPT_EVERY", 4)
+    folder = write_image_folder(tmp_path / "shapes", colour=True)
+    ckpt = folder_run(folder, tmp_path / "run", monkeypatch, "--epochs", "45")
+    grids = sorted(int(p.stem.removeprefix("samples_epoch")) for p in (tmp_path / "run").glob("samples_epoch*.png"))
+    assert grids == [2, 40]  # steps 4 (nothing spent yet) and 80 (2,250 s in all), none after
+    assert ckpt["grid_seconds"] == 2 * 225.0
+
+
+def test_the_ranks_train_as_many_steps_as_rank_0_measured(tmp_path):
+    """Two gloo processes measure different speeds; both take rank 0's length."""
+    context = torch.multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=size_run_as_rank, args=(rank, tmp_path / "store", results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert sorted(results.get(timeout=1) for _ in processes) == [(0, 80), (1, 80)]
+
+
+def size_run_as_rank(rank: int, store_path: Path, results) -> None:
+    store = torch.distributed.FileStore(str(store_path), 2)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    run = dict(step=60, elapsed=1350.0 * (rank + 1), epochs=None)  # rank 1 measured half the speed
+    args = argparse.Namespace(batch_size=8)
+    images = torch.zeros(16, 3, 16, 16)
+    results.put((rank, ddpm.size_run((10, 225.0 * (rank + 1)), run, images, args, "cpu", rank, 2)))
+    torch.distributed.destroy_process_group()
+
+
 def test_cfg_trains_on_an_rgb_class_folder_and_samples_a_class_by_name(tmp_path, capsys):
     folder = write_image_folder(tmp_path / "shapes", colour=True)
     out = tmp_path / "run"
@@ -1209,9 +1301,51 @@ def test_shipped_checkpoints_sample_garments_and_an_untrained_network_does_not(n
 
 def test_quality_measures_frechet_distance_exactly():
     """For diagonal covariances the Fréchet distance is Σ (μ1 − μ2)² + (√v1 − √v2)²."""
-    import quality
     mu1, mu2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
     v1, v2 = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64), torch.tensor([4.0, 4.0, 1.0], dtype=torch.float64)
     expected = ((mu1 - mu2) ** 2 + (v1.sqrt() - v2.sqrt()) ** 2).sum().item()  # 1 + 0 + 4 + 1 + 0 + 4
     assert quality.frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2)) == pytest.approx(expected)
     assert quality.frechet_distance(mu1, torch.diag(v1), mu1, torch.diag(v1)) == pytest.approx(0, abs=1e-9)
+
+
+def folder_reference_distances(folder: Path) -> dict[str, float]:
+    """Fréchet distance of each of quality.py's --reference cases of a folder, by the case's name up to " (" or ","."""
+    cases = quality.reference_cases(str(folder), data_dir=None, cache=None, n=1000)
+    return {name.split(" (")[0].split(",")[0]: quality.measure(images, labels, dataset=str(folder))["fd"]
+            for name, images, labels in cases}
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_quality_of_a_folder_ranks_real_below_blurred_below_noise(labelled, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "CACHE_DIR", tmp_path / "cache")  # trains in about a second: 96 small images
+    folder = write_image_folder(tmp_path / "shapes", colour=True, n=60, size=(32, 32))
+    if not labelled:  # every file directly in the folder: no classes, so instance discrimination
+        for path in list(folder.glob("*/*")):
+            path.rename(folder / f"{path.parent.name}_{path.name}")
+    fd = folder_reference_distances(folder)
+    assert fd["real images held out"] < fd["same"] < fd["uniform noise"]
+    assert fd["real images held out"] * 2 < fd["same"]  # measured: 11× with classes, 2.9× without
+    assert quality.load(str(folder), image_size=32)[1]["classes"] == (["circles", "squares"] if labelled else [])
+
+
+def test_quality_of_a_gray_folder_reads_its_rgb_pngs_and_retrains_only_when_its_files_change(tmp_path,
+                                                                                                monkeypatch):
+    monkeypatch.setattr(quality, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(quality, "FOLDER_EPOCHS", 1)  # any network will do here
+    trainings = []
+    train_folder = quality.train_folder
+    monkeypatch.setattr(quality, "train_folder", lambda *args: trainings.append(args) or train_folder(*args))
+    folder = write_image_folder(tmp_path / "gray", colour=False, n=20, size=(16, 16))
+    images = quality.reference_cases(str(folder), None, None, n=1000)[1][1]
+    assert images.shape == (8, 1, 16, 16)  # the held-out fifth of 40, grayscale
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for i, image in enumerate(images):
+        torchvision.utils.save_image(image / 255, pngs / f"{i:06d}.png")  # gray as RGB, as the scripts save it
+    read, names = quality.read_pngs(str(pngs))
+    assert read.shape == (8, 3, 16, 16) and names == [None] * 8
+    assert quality.measure(read, dataset=str(folder)) == quality.measure(images, dataset=str(folder))
+    assert len(trainings) == 1
+    (folder / "circles" / "0.jpg").unlink()
+    quality.measure(images, dataset=str(folder))
+    assert len(trainings) == 2
