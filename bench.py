@@ -1,8 +1,9 @@
 """Benchmark: training and sampling speed of this repo's U-Net, and of diffusers' when installed.
 
-    python bench.py                                   # 28×28 preset, batch 128, auto device
-    python bench.py --no-amp                          # float32 instead of bfloat16 autocast
+    python bench.py                                   # 28×28 preset, batch 128, auto device and precision
+    python bench.py --precision float32               # or bfloat16, float16 (autocast, as in the scripts)
     python bench.py --preset ddpm_cifar10 --device cuda --compile
+    python bench.py --check                           # the prepared GPU check: runs/gpu_check.md
 
 Prints, for one preset and device: training images/s (the full step of the scripts: loss,
 backward, gradient clipping, AdamW, EMA), sampling images/s for DDPM-1000, DDIM-50 and guided
@@ -12,11 +13,20 @@ the device's dense-matmul FLOP/s measured in the same run, so the ratio holds on
 Sampling is timed over a few steps and scaled to the full step count: every step of a sampler
 costs the same. If `diffusers` is installed, its UNet2DModel, configured to the same
 width, depth and attention, is measured the same way.
+
+`--check`, for whoever has a CUDA GPU for a few minutes: test_all.py's CUDA tests, then the training
+speed of both presets in bfloat16 and float16 at batch 128, as a table (images/s, utilization, peak
+memory, and the hours the DDPM paper's 800k CIFAR-10 steps would take), each row printed and appended
+to runs/gpu_check.md as it comes. Synthetic data, no download. `--check --dry-run` runs the same code
+on the CPU at toy sizes, without the CUDA tests: the test suite runs it, so the check cannot rot.
 """
 import argparse
 import importlib.util
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +38,7 @@ import ddpm
 from unet import PRESETS, UNet
 
 IMAGE_SHAPES = {"small": (1, 28), "ddpm_cifar10": (3, 32)}  # (channels, size) each preset is for
+PAPER_CIFAR10_STEPS, PAPER_BATCH = 800_000, 128  # Ho et al., appendix B
 
 
 def synchronize(device: torch.device) -> None:
@@ -50,9 +61,9 @@ def seconds_per_call(fn, device: torch.device, min_seconds: float, warmup: int =
     return (time.perf_counter() - start) / calls
 
 
-def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, min_seconds: float) -> float:
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, min_seconds: float, n: int = 0) -> float:
     """The device's dense-matmul throughput: the yardstick for the U-Net's utilization."""
-    n = 4096 if device.type == "cuda" else 1024
+    n = n or (4096 if device.type == "cuda" else 1024)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n**3 / seconds_per_call(lambda: a @ b, device, min_seconds)
 
@@ -79,20 +90,22 @@ class DiffusersUNet(nn.Module):
         return self.net(x, t, class_labels=y).sample
 
 
-def measure(name: str, make_model, args, device: torch.device, matmul_flops: float, first: bool) -> dict:
-    channels, size = IMAGE_SHAPES[args.preset]
+def measure(name: str, make_model, args, device: torch.device, matmul_flops: float, first: bool,
+            sampling_too: bool = True, image_shape: tuple[int, int] | None = None) -> dict:
+    channels, size = image_shape or IMAGE_SHAPES[args.preset]
     batch = args.batch_size
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = make_model(None).to(device, memory_format=memory_format)
     ema = make_model(None).to(device, memory_format=memory_format).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
     train_model = torch.compile(model) if args.compile else model
     sched = ddpm.Schedule(1000, "linear", device)
     x0 = torch.randn(batch, channels, size, size, device=device).clamp(-1, 1)
     x0 = x0.contiguous(memory_format=memory_format)
 
     def train_step():  # the scripts' training step: loss, backward, clipping, AdamW, EMA
-        ddpm.train_step(train_model, ema, optimizer, sched, x0, 10**6, 1e-4, args.amp)
+        ddpm.train_step(train_model, ema, optimizer, scaler, sched, x0, 10**6, 1e-4, args.precision)
 
     with FlopCounterMode(display=False) as counter:
         ddpm.diffusion_loss(model, sched, x0).backward()
@@ -103,11 +116,17 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
     result = {"name": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
               "train_img_s": batch / train_seconds,
               "train_util": train_flops / train_seconds / matmul_flops}
+    if device.type == "cuda":
+        result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    elif first:  # the process's peak resident memory so far (Linux: KiB): valid for the first model only
+        result["peak_mem_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if not sampling_too:
+        return result
 
     def sampling(sampler, steps_timed: int, steps_full: int) -> float:
         """Images/s of a full sampling run, from timing steps_timed of its steps."""
         def run():
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            with torch.autocast(device.type, getattr(torch, args.precision), enabled=args.precision != "float32"):
                 sampler()
         return batch / (seconds_per_call(run, device, args.seconds, warmup=1) / steps_timed * steps_full)
 
@@ -122,46 +141,85 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
         result["cfg50_img_s"] = sampling(
             lambda: cfg.sample(cond, sched, shape, timed, labels, guidance=2.0, null_label=10),
             timed, 50)
-        forward_2b = seconds_per_call(lambda: forward_only(cond, 2 * batch, shape, device, args.amp),
+        forward_2b = seconds_per_call(lambda: forward_only(cond, 2 * batch, shape, device, args.precision),
                                       device, args.seconds)
         result["cfg_step_over_2b_forward"] = batch / result["cfg50_img_s"] / 50 / forward_2b
-    if device.type == "cuda":
+    if device.type == "cuda":  # sampling's peak too
         result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    elif first:  # the process's peak resident memory so far (Linux: KiB): valid for the first model only
-        result["peak_mem_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
 
 @torch.inference_mode()
-def forward_only(model, n: int, shape: tuple, device: torch.device, amp: bool) -> None:
+def forward_only(model, n: int, shape: tuple, device: torch.device, precision: str) -> None:
     x = torch.randn(n, *shape[1:], device=device)
-    with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+    with torch.autocast(device.type, getattr(torch, precision), enabled=precision != "float32"):
         model(x, torch.randint(0, 1000, (n,), device=device))
 
 
-def main() -> None:
+def check(args) -> None:
+    """--check: the CUDA tests, then a row per preset and low precision, printed and appended as it comes."""
+    device = torch.device("cpu") if args.dry_run else ddpm.pick_device("cuda")
+    out = Path(args.check_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(line: str) -> None:
+        print(line, flush=True)
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    machine = "the CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(device)
+    write(f"\n## {machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}\n")
+    if args.dry_run:
+        write("CUDA tests: not run (a dry run)")
+    else:  # in their own process, so that a failure there still leaves the speed rows below
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "test_all.py"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent)
+        write(f"CUDA tests: {(tests.stdout.strip().splitlines() or ['no output'])[-1]}")
+    write(f"\n| preset | precision | batch | images/s | utilization | peak memory | {PAPER_CIFAR10_STEPS:,} "
+          f"CIFAR-10 steps at batch {PAPER_BATCH} |\n|---|---|---|---|---|---|---|")
+    for preset, settings in PRESETS.items():
+        channels, size = IMAGE_SHAPES[preset]
+        if args.dry_run:  # the same network at a toy width and size: seconds on a CPU, not minutes
+            settings, size = {**settings, "channels": 8}, 8
+        for precision in ("bfloat16", "float16"):
+            row_args = argparse.Namespace(**{**vars(args), "preset": preset, "precision": precision})
+            matmul = matmul_flops_per_second(device, getattr(torch, precision), args.seconds, 64 * args.dry_run)
+            r = measure("this repo", lambda k: UNet(channels, size, **settings, num_classes=k), row_args, device,
+                        matmul, first=True, sampling_too=False, image_shape=(channels, size))
+            hours = PAPER_CIFAR10_STEPS * PAPER_BATCH / r["train_img_s"] / 3600
+            write(f"| {preset} | {precision} | {args.batch_size} | {r['train_img_s']:.0f} | {r['train_util']:.0%} "
+                  f"| {r['peak_mem_GiB']:.2f} GiB | {f'{hours:.1f} h' if preset == 'ddpm_cifar10' else '—'} |")
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=PRESETS, default="small")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
     p.add_argument("--timed-steps", type=int, default=5, help="sampler steps timed per measurement")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="bfloat16 autocast; default as in the scripts: on where bf16 is native")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="autocast, as in the scripts; auto: bfloat16 where native, float16 on other CUDA GPUs")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
-    args = p.parse_args()
-    device = ddpm.pick_device(args.device)
-    if args.amp is None:
-        args.amp = ddpm.bf16_is_native(device)
+    p.add_argument("--check", action="store_true", help="the prepared GPU check (CUDA tests, both presets)")
+    p.add_argument("--dry-run", action="store_true", help="with --check: on the CPU, at toy sizes")
+    p.add_argument("--check-out", default="runs/gpu_check.md", help="where --check appends its rows")
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
-    matmul = matmul_flops_per_second(device, torch.bfloat16 if args.amp else torch.float32, args.seconds)
+    if args.check:
+        if args.dry_run:  # the same code at toy sizes: a few seconds on a CPU
+            args.batch_size, args.seconds = 2, 0.0
+        args.channels_last = not args.dry_run
+        return check(args)
+    device = ddpm.pick_device(args.device)
+    args.precision = ddpm.pick_precision(args.precision, device)
+    matmul = matmul_flops_per_second(device, getattr(torch, args.precision), args.seconds)
     channels, size = IMAGE_SHAPES[args.preset]
     preset = PRESETS[args.preset]
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"preset {args.preset} ({channels}×{size}×{size}), batch {args.batch_size}, "
-          f"amp {args.amp}, compile {args.compile}, channels_last {args.channels_last}")
+          f"{args.precision}, compile {args.compile}, channels_last {args.channels_last}")
     print(f"dense matmul: {matmul / 1e9:.1f} GFLOP/s")
     models = {"this repo (unet.py)": lambda k: UNet(channels, size, **preset, num_classes=k)}
     if importlib.util.find_spec("diffusers"):  # optional: only for the comparison

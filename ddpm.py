@@ -110,20 +110,24 @@ def update_ema(ema: UNet, model, step: int) -> None:
             ema_param.lerp_(param, 1 - decay)
 
 
-def train_step(model, ema: UNet, optimizer: torch.optim.Optimizer, sched: Schedule, x0: torch.Tensor,
-               step: int, lr: float, amp: bool) -> tuple[torch.Tensor, bool]:
-    """Algorithm 1, once: L_simple, a clipped AdamW step, the EMA. Returns the loss and whether the
-    step was applied (a NaN or inf gradient changes nothing)."""
+def train_step(model, ema: UNet, optimizer, scaler, sched: Schedule, x0: torch.Tensor, step: int, lr: float,
+               precision: str) -> tuple[torch.Tensor, bool]:
+    """Algorithm 1, once: L_simple, a clipped AdamW step, the EMA. Returns the loss and False for a NaN or
+    inf step, which changes nothing (ours); a float16 overflow of a finite loss is no such step: the
+    loss scaler skips it and halves its scale."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast(x0.device.type, torch.bfloat16, enabled=amp):
+    with torch.autocast(x0.device.type, getattr(torch, precision), enabled=precision != "float32"):
         loss = diffusion_loss(model, sched, x0)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()  # float16: the loss scaled up, so that small gradients stay above 0
+    scaler.unscale_(optimizer)  # the true gradients again, for the clip (without float16: nothing to do)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
-        return loss.detach(), False
-    optimizer.step()
+        scaler.update()  # float16: the scale was too large and halves
+        return loss.detach(), scaler.is_enabled() and bool(torch.isfinite(loss))
+    scaler.step(optimizer)
+    scaler.update()
     update_ema(ema, model, step)
     return loss.detach(), True
 
@@ -220,23 +224,21 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 # --- training run
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
-    """train_step for --epochs; rank 0 writes ckpt.pt, log.csv, loss.png and the grids."""
+    """train_step for --epochs; rank 0 writes ckpt.pt, log.csv and the grids."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     images, labels, class_names = training_data(args, device, rank, world_size)
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset])
     config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps, prediction=args.prediction,
                   dataset=args.dataset)
     sched = Schedule(args.timesteps, args.schedule, device, args.prediction)
-    model, ema, optimizer, run = build_run(config, ckpt_path, args, device)
+    model, ema, optimizer, scaler, run = build_run(config, ckpt_path, args, device)
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
     steps_per_epoch = len(images) // args.batch_size
-    run["epochs"] = args.epochs or run["epochs"]  # None: a folder's default, sized once the speed is known
-    total_steps = min(steps_per_epoch * (run["epochs"] or math.inf), args.max_steps or math.inf)
+    total_steps = plan_run(images, args, run, device, rank, world_size)  # a folder's: math.inf until measured
     grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # short epochs: fewer grids
     stop_signals = catch_stop_signals(world_size)
     log = open_log(out / "log.csv", run["step"]) if rank == 0 else None
-    announce(images, total_steps, args, device, rank, world_size, run)  # once the length is known
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
     totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
     step = timer_step = run["step"]
@@ -251,15 +253,15 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise: the same again on resume
         x0 = to_model_range(images[batch.to(device)], args.flip)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
-        loss, applied = train_step(train_model, ema, optimizer, sched, x0, step, lr, args.amp)
+        loss, finite = train_step(train_model, ema, optimizer, scaler, sched, x0, step, lr, args.precision)
         step = run["step"] = step + 1
         bar.update(1)
-        run["skipped"] += not applied
-        bad_in_a_row = 0 if applied else bad_in_a_row + 1
+        run["skipped"] += not finite
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
         if bad_in_a_row == MAX_BAD_STEPS:
             raise SystemExit(f"error: NaN or inf for {MAX_BAD_STEPS} steps in a row; {ckpt_path} is the last "
-                             f"good state: lower --lr or --no-amp, and --resume")
-        if applied:
+                             f"good state: lower --lr or use --precision float32, and --resume")
+        if finite:
             totals[0] += loss
             totals[1] += 1
         if step % LOG_EVERY == 0 or step == total_steps:  # one wait for the device, and a row of log.csv
@@ -278,9 +280,10 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
             timer, timer_step = time.perf_counter(), step
             measured_from = measured_from or (step, run["elapsed"])
             if total_steps == math.inf and step - measured_from[0] >= MEASURE_STEPS:
-                total_steps = bar.total = size_run(measured_from, run, images, args, device, rank, world_size)
+                total_steps = bar.total = plan_run(images, args, run, device, rank, world_size, measured_from)
         if rank == 0 and (stop or step == total_steps or step % min(CKPT_EVERY, steps_per_epoch) == 0):
-            weights = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict())
+            weights = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                           scaler=scaler.state_dict())
             save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), **run))
         if (rank == 0 and not stop and step % grid_every == 0 and step < total_steps
                 and run["grid_seconds"] <= GRID_SHARE * run["elapsed"]):  # 1000-step grids come less often
@@ -291,7 +294,6 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C while sampling stops at once
         signal.signal(signum, signal.SIG_DFL)
     if rank == 0:
-        plot_log(out / "log.csv", out / "loss.png")
         print(f"saved {ckpt_path} at step {step}" + ("; continue with --resume" if stop else ""))
     if rank == 0 and not stop:  # the final samples, and the reverse process as a GIF
         save_samples(ema, sched, args.n_samples, args, out / "samples.png", out / "reverse.gif")
@@ -308,40 +310,35 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     return images.to(device), labels, classes
 
 
-def size_run(measured_from: tuple[int, float], run: dict, images: torch.Tensor, args, device: torch.device,
-             rank: int, world_size: int) -> int:
-    """A folder's default length, in whole epochs (into run): those that fill FOLDER_MINUTES of training
-    at the speed measured since measured_from (step, elapsed), never ending before this step."""
+def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: int, world_size: int,
+             measured_from: tuple[int, float] | None = None) -> float:
+    """The run's length in steps, and rank 0's start line once it is known: --epochs, or the length in
+    run, or for a folder by default the whole epochs that fill FOLDER_MINUTES of training at the speed
+    since measured_from (step, elapsed), kept in run; rank 0's decides. math.inf until measured."""
     steps_per_epoch = len(images) // args.batch_size
-    seconds_per_step = (run["elapsed"] - measured_from[1]) / (run["step"] - measured_from[0])
-    planned_steps = run["step"] + (FOLDER_MINUTES * 60 - run["elapsed"]) / seconds_per_step
-    decision = [max(1, math.ceil(run["step"] / steps_per_epoch), round(planned_steps / steps_per_epoch)),
-                seconds_per_step]
-    if world_size > 1:
-        dist.broadcast_object_list(decision, src=0)  # rank 0's: every rank trains as many steps
-    run["epochs"], seconds_per_step = decision
-    announce(images, run["epochs"] * steps_per_epoch, args, device, rank, world_size, run, seconds_per_step)
-    return run["epochs"] * steps_per_epoch
-
-
-def announce(images: torch.Tensor, total_steps: int, args, device: torch.device, rank: int, world_size: int,
-             run: dict, seconds_per_step: float = 0.0) -> None:
-    """Rank 0's start line, once the length is known; for a length sized by speed, how long it takes and
-    how to choose another."""
-    line = (f"{len(images)} images {tuple(images.shape[1:])}, {total_steps} steps of {args.batch_size} "
-            f"on {device} × {world_size}")
-    if seconds_per_step:
-        minutes, images_per_s = total_steps * seconds_per_step / 60, args.batch_size / seconds_per_step
-        line += (f": about {minutes:.0f} min at {images_per_s:.0f} images/s "
-                 f"(--epochs {run['epochs']} repeats this length, --epochs N sets another)")
-    elif run["step"]:
-        line += f", resuming at step {run['step']}"
+    run["epochs"] = args.epochs or run["epochs"]
+    note = f", resuming at step {run['step']}" if run["step"] else ""
+    if not run["epochs"] and measured_from:
+        seconds_per_step = (run["elapsed"] - measured_from[1]) / (run["step"] - measured_from[0])
+        planned_steps = run["step"] + (FOLDER_MINUTES * 60 - run["elapsed"]) / seconds_per_step
+        decision = [max(1, math.ceil(run["step"] / steps_per_epoch), round(planned_steps / steps_per_epoch)),
+                    seconds_per_step]
+        if world_size > 1:
+            dist.broadcast_object_list(decision, src=0)  # rank 0's: every rank trains as many steps
+        run["epochs"], seconds_per_step = decision
+        note = (f": about {run['epochs'] * steps_per_epoch * seconds_per_step / 60:.0f} min at "
+                f"{args.batch_size / seconds_per_step:.0f} images/s (--epochs {run['epochs']} repeats this "
+                f"length, --epochs N sets another)")
+    total_steps = min(steps_per_epoch * (run["epochs"] or math.inf), args.max_steps or math.inf)
     if rank == 0 and total_steps < math.inf:
-        tqdm.write(line)
+        tqdm.write(f"{len(images)} images {tuple(images.shape[1:])}, {total_steps} steps of "
+                   f"{args.batch_size} on {device} × {world_size} ({args.precision})" + note)
+    return total_steps
 
 
 def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
-    """The network, its EMA copy, AdamW and the run's counters: new, or as --resume's checkpoint left them."""
+    """The network, its EMA copy, AdamW, float16's loss scaler and the run's counters: new, or as --resume's
+    checkpoint left them."""
     if ckpt_path.is_file() and not (args.resume or args.auto_resume or args.overwrite):
         raise SystemExit(f"error: {ckpt_path.parent} holds a run: --resume it, --overwrite it, or use "
                          f"another --out")
@@ -350,6 +347,7 @@ def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
     model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")  # loss scaling
     run = dict(step=0, elapsed=0.0, skipped=0, epochs=None, grid_seconds=0.0)  # the checkpoint carries these
     if args.resume or (args.auto_resume and ckpt_path.is_file()):
         ckpt = load_checkpoint(ckpt_path)[1]
@@ -360,8 +358,10 @@ def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # a float16 run's loss scale (empty where the scaler was off)
+            scaler.load_state_dict(ckpt["scaler"])
         run.update({key: ckpt[key] for key in run if key in ckpt})  # older checkpoints: no epochs
-    return model, ema, optimizer, run
+    return model, ema, optimizer, scaler, run
 
 
 def catch_stop_signals(world_size: int) -> list:
@@ -399,28 +399,16 @@ def open_log(path: Path, step: int):
     return log
 
 
-def plot_log(csv_path: Path, png_path: Path) -> None:
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no window, no backend to choose
-    except ImportError:
-        print(f"pip install matplotlib to plot {csv_path}")
-        return
-    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
-    ax = Figure(layout="tight").subplots()
-    ax.plot([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows])
-    ax.set(xlabel="step", ylabel="loss (MSE of ε, or of v)", yscale="log")
-    ax.figure.savefig(png_path, dpi=100)
-
-
 def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
                  gif_path: Path | None = None) -> torch.Tensor:
     """n samples, the same noise each call, in [0, 1] on the CPU; writes their grid (and a GIF of 16)."""
-    generator = torch.Generator(sched.betas.device).manual_seed(args.seed)
+    device = sched.betas.device
+    generator = torch.Generator(device).manual_seed(args.seed)
     images = []
     frames = [] if gif_path else None
     for start in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size):
         shape = (min(args.batch_size, n - start), ema.conv_in.in_channels, ema.image_size, ema.image_size)
-        with torch.autocast(sched.betas.device.type, torch.bfloat16, enabled=args.amp):
+        with torch.autocast(device.type, getattr(torch, args.precision), enabled=args.precision != "float32"):
             x = sample(ema, sched, shape, generator=generator, frames=frames if start == 0 else None,
                        progress=True)
         images.append((x.float().cpu() + 1) / 2)
@@ -493,12 +481,16 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def bf16_is_native(device: torch.device) -> bool:
-    """Ampere or newer GPUs; CPUs with AVX-512 BF16 or AMX (1.7× faster at 28×28)."""
+def pick_precision(precision: str, device: torch.device) -> str:
+    """--precision auto: bfloat16 where it is native (Ampere or newer GPUs; CPUs with AVX-512 BF16 or AMX,
+    1.7× faster at 28×28), float16 with loss scaling on older CUDA GPUs (a T4, a V100), else float32."""
+    if precision != "auto":
+        return precision
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 8
+        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
     checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("avx512_bf16", "amx_tile")]
-    return device.type == "cpu" and any(check() for check in checks if check is not None)  # None in torch 2.4
+    native = device.type == "cpu" and any(check() for check in checks if check)  # None in torch 2.4
+    return "bfloat16" if native else "float32"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -528,7 +520,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--prediction", choices=["eps", "v"], default="eps", help="the network's output")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast; default: if native")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="autocast; auto: bfloat16 where native, float16 on other CUDA GPUs, else float32")
+    p.add_argument("--amp", dest="precision", action="store_const", const="bfloat16", help="= bfloat16")
+    p.add_argument("--no-amp", dest="precision", action="store_const", const="float32", help="= float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.set_defaults(**DATASET_DEFAULTS.get(p.parse_known_args(argv)[0].dataset, DATASET_DEFAULTS["folder"]))
     args = p.parse_args(argv)
@@ -559,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
                                 world_size=world_size)
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
-    args.amp = bf16_is_native(device) if args.amp is None else args.amp
+    args.precision = pick_precision(args.precision, device)  # auto depends on the device
     try:  # the expected failures end in one line
         if args.export:  # for sampling only: EMA weights and config, a third the size
             ckpt = load_checkpoint(args.ckpt)[1]

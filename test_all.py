@@ -30,6 +30,7 @@ import unet
 from unet import PRESETS, UNet, timestep_embedding
 
 ROOT = Path(__file__).resolve().parent
+FLOAT32 = torch.amp.GradScaler("cpu", enabled=False)  # train_step's loss scaler, off: float32 needs none
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -256,7 +257,7 @@ def test_short_training_lowers_the_loss():
     torch.manual_seed(1)
     first = sum(ddpm.diffusion_loss(model, sched, x0).item() for _ in range(8)) / 8
     for step in range(40):
-        assert ddpm.train_step(model, ema, optimizer, sched, x0, step, 1e-3, amp=False)[1]
+        assert ddpm.train_step(model, ema, optimizer, FLOAT32, sched, x0, step, 1e-3, "float32")[1]
     last = sum(ddpm.diffusion_loss(model, sched, x0).item() for _ in range(8)) / 8
     assert last < 0.25 * first  # here: 0.99 → 0.09
 
@@ -780,8 +781,8 @@ def test_p_uncond_must_be_a_probability(p_uncond, capsys):
 SHARED = {
     (ddpm, ddim, cfg): ["Schedule", "q_sample", "load_dataset", "load_folder", "to_model_range",
                         "update_ema", "build_run", "catch_stop_signals",
-                        "lock_out_dir", "open_log", "plot_log", "save_checkpoint", "load_checkpoint",
-                        "pick_device", "positive_int", "bf16_is_native", "main"],
+                        "lock_out_dir", "open_log", "plan_run", "save_checkpoint", "load_checkpoint",
+                        "pick_device", "positive_int", "pick_precision", "main"],
     (ddpm, ddim): ["diffusion_loss", "train_step", "train", "training_data"],
     (ddim, cfg): ["step_grid", "checked_sample_steps"],
 }
@@ -885,11 +886,11 @@ def test_a_non_finite_step_changes_nothing():
     ema = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x0 = torch.randn(4, 1, 8, 8)
-    assert ddpm.train_step(model, ema, optimizer, sched, x0, 0, 1e-3, amp=False)[1]
+    assert ddpm.train_step(model, ema, optimizer, FLOAT32, sched, x0, 0, 1e-3, "float32")[1]
     before = [copy.deepcopy(m.state_dict()) for m in (model, ema)] + [copy.deepcopy(optimizer.state_dict())]
     x0[0, 0, 0, 0] = float("nan")
-    loss, applied = ddpm.train_step(model, ema, optimizer, sched, x0, 1, 1e-3, amp=False)
-    assert not applied and torch.isnan(loss)
+    loss, finite = ddpm.train_step(model, ema, optimizer, FLOAT32, sched, x0, 1, 1e-3, "float32")
+    assert not finite and torch.isnan(loss)
     after = [model.state_dict(), ema.state_dict(), optimizer.state_dict()]
     for a, b in zip(before[:2], after[:2]):
         for name in a:
@@ -913,6 +914,99 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint(ddpm_ckpt, tiny_dat
             assert torch.equal(saved[key][name], value), name
     last_row = (tmp_path / "log.csv").read_text().splitlines()[-1].split(",")
     assert int(last_row[6]) == int(last_row[0]) - good["step"]  # every step since the resume: skipped
+
+
+def test_a_float16_overflow_halves_the_loss_scale_and_is_not_a_nan_step():
+    """float16 with loss scaling, on the CPU as on a T4: a scale so large that the gradients overflow
+    float16 (largest 65504) makes the scaler skip the step and halve the scale, without counting it as
+    a NaN step; a NaN loss still is one."""
+    torch.manual_seed(0)
+    sched = ddpm.Schedule(20)
+    model = UNet(1, 8, channels=8, channel_mult=(1, 2), attn_levels=(), num_res_blocks=1)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    x0 = torch.randn(4, 1, 8, 8)
+    before = copy.deepcopy(model.state_dict())
+    loss, finite = ddpm.train_step(model, ema, optimizer, scaler, sched, x0, 0, 1e-3, "float16")
+    assert finite and torch.isfinite(loss) and scaler.get_scale() == 2.0**39
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # skipped
+    for step in range(1, 40):  # the scale halves until the gradients fit; then steps apply
+        ddpm.train_step(model, ema, optimizer, scaler, sched, x0, step, 1e-3, "float16")
+    assert scaler.get_scale() < 2.0**20
+    assert not all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    x0[0, 0, 0, 0] = float("nan")
+    assert not ddpm.train_step(model, ema, optimizer, scaler, sched, x0, 40, 1e-3, "float16")[1]
+
+
+def test_float16_trains_and_resumes_with_its_loss_scale(tiny_data, tmp_path, capsys):
+    ddpm_main(tiny_data, tmp_path / "straight", "--precision", "float16", "--max-steps", "16")
+    assert "on cpu × 1 (float16)" in capsys.readouterr().out
+    ddpm_main(tiny_data, tmp_path / "resumed", "--precision", "float16", "--max-steps", "8")
+    ddpm_main(tiny_data, tmp_path / "resumed", "--precision", "float16", "--max-steps", "16", "--resume")
+    straight, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert straight["scaler"]["scale"] == resumed["scaler"]["scale"] > 0
+    for name, value in straight["ema"].items():
+        torch.testing.assert_close(resumed["ema"][name], value, msg=name)
+    assert ddpm.parse_args(["--amp"]).precision == "bfloat16" and ddpm.parse_args(["--no-amp"]).precision == "float32"
+
+
+# ----------------------------------------------------------------------------- on a CUDA GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="no CUDA GPU here; on a GPU machine: python bench.py --check")
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["auto", "float16"])
+@pytest.mark.parametrize("script", [ddpm, ddim, cfg], ids=lambda m: m.__name__)
+def test_cuda_compiled_training_samples_and_resumes(script, precision, tiny_data, tmp_path):
+    """A GPU's defaults (channels_last, fused AdamW, TF32, bfloat16 where native) and --compile: train,
+    sample, and resume to the same weights as a straight run, within float rounding (GPU kernels are
+    not bit-deterministic)."""
+    common = [*FAST, "--device", "cuda", "--data-dir", str(tiny_data), "--compile", "--precision", precision]
+    script.main([*common, "--out", str(tmp_path / "straight"), "--max-steps", "16"])
+    script.main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "8"])
+    script.main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "16", "--resume"])
+    straight, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    for name, value in straight["ema"].items():
+        torch.testing.assert_close(resumed["ema"][name], value, rtol=1e-3, atol=1e-4, msg=name)
+    assert (tmp_path / "straight" / "samples.png").is_file()
+
+
+@cuda
+def test_cuda_cifar10_preset_fits_a_t4_at_the_default_batch():
+    """The paper's 35.7M network at 32×32, batch 128, in float16 as on a T4: peak memory under 15 GiB."""
+    device = torch.device("cuda")
+    model = UNet(3, 32, **PRESETS["ddpm_cifar10"]).to(device, memory_format=torch.channels_last)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+    sched = ddpm.Schedule(1000, "linear", device)
+    x0 = torch.rand(128, 3, 32, 32, device=device) * 2 - 1
+    torch.cuda.reset_peak_memory_stats(device)
+    for step in range(3):
+        ddpm.train_step(model, ema, optimizer, scaler, sched, x0, step, 2e-4, "float16")
+    assert torch.cuda.max_memory_allocated(device) < 15 * 2**30
+
+
+@cuda
+def test_cuda_sampling_makes_no_host_synchronisation_per_step():
+    """Any call that waits for the GPU inside a sampler (.item(), a Python bool of a tensor) raises."""
+    device = torch.device("cuda")
+    sched = ddpm.Schedule(50, "linear", device)
+    model = UNet(1, 16, channels=16, channel_mult=(1, 2), attn_levels=(1,), num_classes=2).to(device).eval()
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (4, 1, 16, 16)
+    y = torch.tensor([0, 1, 0, 1], device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ddpm.sample(model, sched, shape, generator=generator)
+        ddim.sample(model, sched, shape, 10, eta=1.0, generator=generator)
+        cfg.sample(model, sched, shape, 10, y, guidance=2.0, null_label=2, eta=1.0, generator=generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -1021,21 +1115,6 @@ def test_log_survives_resume_and_export_makes_a_sampling_only_checkpoint(tiny_da
     with pytest.raises(SystemExit, match="^error: .*no optimizer"):
         ddpm_main(tiny_data, tmp_path / "again", "--resume")
 
-
-def test_loss_plot_or_a_line_that_says_how_to_get_it(tmp_path, monkeypatch, capsys):
-    csv = tmp_path / "log.csv"
-    csv.write_text("step,epoch,loss,lr,images_per_s,elapsed_s,skipped\n10,0.1,0.5,1e-3,100,1,0\n20,0.2,0.4,1e-3,100,2,0\n")
-    for name in ("matplotlib", "matplotlib.figure"):  # as if it were not installed
-        monkeypatch.setitem(sys.modules, name, None)
-    ddpm.plot_log(csv, tmp_path / "loss.png")
-    assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "loss.png").exists()
-    monkeypatch.undo()
-    pytest.importorskip("matplotlib")
-    ddpm.plot_log(csv, tmp_path / "loss.png")
-    assert Image.open(tmp_path / "loss.png").size[0] > 300
-
-
-# ============================================================================= your own images, in colour
 
 def write_cifar10_pickles(root: Path, per_batch: int = 4) -> list[tuple[int, tuple[int, int, int]]]:
     """A tiny CIFAR-10 in its real format (cifar-10-batches-py: pickled dicts, rows of 3072 bytes,
@@ -1200,7 +1279,7 @@ def test_a_folder_run_trains_for_the_half_hour_its_measured_speed_gives(tmp_path
     assert ckpt["step"] == 80 and ckpt["epochs"] == 40 and "epochs" not in ckpt["config"]
     assert ckpt["elapsed"] == pytest.approx(ddpm.FOLDER_MINUTES * 60)
     out = capsys.readouterr().out
-    assert ("16 images (3, 16, 16), 80 steps of 8 on cpu × 1: about 30 min at 0 images/s "
+    assert ("16 images (3, 16, 16), 80 steps of 8 on cpu × 1 (float32): about 30 min at 0 images/s "
             "(--epochs 40 repeats this length, --epochs N sets another)") in out
     repeated = folder_run(folder, tmp_path / "repeated", monkeypatch, "--epochs", "40")
     for name, value in ckpt["ema"].items():  # the printed --epochs is the same run
@@ -1214,12 +1293,12 @@ def test_resume_keeps_the_chosen_end_and_epochs_or_max_steps_set_the_length(tmp_
     assert "80 steps of 8" in capsys.readouterr().out
     ckpt = folder_run(folder, out, monkeypatch, "--resume")
     assert (ckpt["step"], ckpt["epochs"]) == (80, 40)  # the same end, not measured again
-    assert "80 steps of 8 on cpu × 1, resuming at step 70" in capsys.readouterr().out
+    assert "80 steps of 8 on cpu × 1 (float32), resuming at step 70" in capsys.readouterr().out
     ckpt = folder_run(folder, out, monkeypatch, "--resume", "--epochs", "45")
     assert (ckpt["step"], ckpt["epochs"]) == (90, 45)
     ckpt = folder_run(folder, tmp_path / "smoke", monkeypatch, "--max-steps", "3")
     assert (ckpt["step"], ckpt["epochs"]) == (3, None)  # no measuring phase
-    assert "16 images (3, 16, 16), 3 steps of 8 on cpu × 1\n" in capsys.readouterr().out
+    assert "16 images (3, 16, 16), 3 steps of 8 on cpu × 1 (float32)\n" in capsys.readouterr().out
 
 
 def test_grids_take_at_most_a_tenth_of_the_run(tmp_path, monkeypatch):
@@ -1250,9 +1329,9 @@ def size_run_as_rank(rank: int, store_path: Path, results) -> None:
     store = torch.distributed.FileStore(str(store_path), 2)
     torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2)
     run = dict(step=60, elapsed=1350.0 * (rank + 1), epochs=None)  # rank 1 measured half the speed
-    args = argparse.Namespace(batch_size=8)
+    args = argparse.Namespace(batch_size=8, epochs=None, max_steps=None, precision="float32")
     images = torch.zeros(16, 3, 16, 16)
-    results.put((rank, ddpm.size_run((10, 225.0 * (rank + 1)), run, images, args, "cpu", rank, 2)))
+    results.put((rank, ddpm.plan_run(images, args, run, "cpu", rank, 2, (10, 225.0 * (rank + 1)))))
     torch.distributed.destroy_process_group()
 
 
@@ -1349,3 +1428,15 @@ def test_quality_of_a_gray_folder_reads_its_rgb_pngs_and_retrains_only_when_its_
     (folder / "circles" / "0.jpg").unlink()
     quality.measure(images, dataset=str(folder))
     assert len(trainings) == 2
+
+
+def test_the_prepared_gpu_check_dry_run(tmp_path):
+    """bench.py --check is what a session with a GPU runs (README); its dry run is the same code on the
+    CPU at toy sizes, so that the check cannot rot unnoticed."""
+    import bench
+    out = tmp_path / "gpu_check.md"
+    bench.main(["--check", "--dry-run", "--check-out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "preset" not in line]
+    assert [row.split(" | ")[:2] for row in rows] == [["| small", "bfloat16"], ["| small", "float16"],
+                                                      ["| ddpm_cifar10", "bfloat16"], ["| ddpm_cifar10", "float16"]]
+    assert rows[-1].endswith(" h |") and "CUDA tests: not run" in out.read_text()
