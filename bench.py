@@ -134,12 +134,12 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
     timed = args.timed_steps
     result["ddpm1000_img_s"] = sampling(
         lambda: ddpm.sample(ema, ddpm.Schedule(timed, "linear", device), shape), timed, 1000)
-    result["ddim50_img_s"] = sampling(lambda: ddim.sample(ema, sched, shape, timed), timed, 50)
+    result["ddim50_img_s"] = sampling(lambda: ddim.sample(ema, sched, shape, timed, eta=1.0), timed, 50)
     if name.startswith("this repo"):  # guided sampling needs this repo's class-conditional U-Net
         cond = make_model(10).to(device, memory_format=memory_format).eval()
         labels = torch.arange(batch, device=device) % 10
         result["cfg50_img_s"] = sampling(
-            lambda: cfg.sample(cond, sched, shape, timed, labels, guidance=2.0, null_label=10),
+            lambda: cfg.sample(cond, sched, shape, timed, labels, guidance=2.0, null_label=10, eta=1.0),
             timed, 50)
         forward_2b = seconds_per_call(lambda: forward_only(cond, 2 * batch, shape, device, args.precision),
                                       device, args.seconds)

@@ -57,8 +57,8 @@ MAX_BAD_STEPS = 20  # stop after this many NaN/inf steps in a row
 
 # --- noise schedule
 class Schedule:
-    """β_t and what follows from it, t = 0..T-1: float64 math, float32 tensors the EMA never sees.
-    prediction: the network's output, ε or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022)."""
+    """β_t and what follows, t = 0..T-1: float64 math, float32 tensors the EMA never sees. prediction:
+    the network's output, the paper's ε or (ours, folders) v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho)."""
 
     def __init__(self, T: int = 1000, kind: str = "linear", device="cpu", prediction: str = "eps"):
         if kind == "linear":  # Sec. 4: β from 1e-4 to 0.02
@@ -80,14 +80,14 @@ class Schedule:
         """ε from the network's output at (x_t, t): the output itself, or ε = √(1−ᾱ_t) x_t + √ᾱ_t v."""
         if self.prediction == "eps":
             return output.float()
-        alpha_bar = self.alpha_bar[t][:, None, None, None]
+        alpha_bar = self.alpha_bar[t][:, None, None, None]  # v-prediction: ours
         return (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * output.float()
 
 
 # --- forward process, loss
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1): one per image
+    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1); each function reads as its equation
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
@@ -99,22 +99,22 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor, y: torch.Tensor) ->
     output = model(q_sample(sched, x0, t, noise), t, y).float()
     if sched.prediction == "eps":
         return F.mse_loss(output, noise)
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]
+    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # v-prediction: ours
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
     snr = alpha_bar / (1 - alpha_bar)  # of x_t; min(SNR, 5) / (SNR + 1) spares t near T and near 0
     return (snr.clamp(max=5) / (snr + 1) * (output - v) ** 2).mean()
 
 
+# --- Algorithm 1: training (DDPM's), and CFG's Algorithm 1: label dropout
 def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
     """CFG Algorithm 1: each label becomes ∅ with probability p_uncond, per sample, not per batch:
     every batch trains the conditional and the unconditional model."""
     return torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null_label, y)
 
 
-# --- Algorithm 1: training
 def update_ema(ema: UNet, model, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
-    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999, warmed up so short runs work
+    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999; the warm-up (ours): short runs
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
@@ -177,7 +177,7 @@ def guided_eps(model, sched: Schedule, x: torch.Tensor, t: torch.Tensor, y: torc
 
 @torch.inference_mode()
 def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, y: torch.Tensor, *,
-           guidance: float, null_label: int, eta: float = 0.0, skip: str = "uniform",
+           guidance: float, null_label: int, eta: float, skip: str = "uniform",
            generator: torch.Generator | None = None, frames: list | None = None,
            progress: bool = False) -> torch.Tensor:
     """ddim.py's sampler (eq. 12 on step_grid(T, steps, skip), η scaling σ), with the guided ε̃ of
@@ -192,9 +192,11 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, y: torch.
         alpha_bar_prev = sched.alpha_bar[t_prev] if t_prev >= 0 else one
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         eps = guided_eps(model, sched, x, t_batch, y, guidance, null_label)
-        x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)  # eq. 12's x̂0
-        eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()  # the ε that fits the clipped x̂0
-        # eq. 16: σ = η √((1 − ᾱ_prev) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_prev)
+        # eq. 12's x̂0, clipped (ours: the DDIM code does not clip; DDPM's does), ε re-derived from it
+        x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
+        eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
+        # eq. 16: σ = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev), in float32 as stored: for close steps
+        # 1 − ᾱ_t/ᾱ_prev keeps ~3 digits (~3e-5 in the samples, test_all.py measures it); clear enough
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         # eq. 12: x_prev = √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z  (the clamp stops rounding below 0)
         x = alpha_bar_prev.sqrt() * x0_hat + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
@@ -292,7 +294,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     stop_signals = catch_stop_signals(world_size)
     log = open_log(out / "log.csv", run["step"]) if rank == 0 else None
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
-    totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
+    totals = torch.zeros(3, device=device)  # since the last row: summed loss, updates, stops (one all_reduce)
     step = timer_step = run["step"]
     timer, bad_in_a_row, stop, order = time.perf_counter(), 0, False, None
     measured_from = None  # the first row's (step, elapsed): the speed is measured after start-up
@@ -305,7 +307,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise: the same again on resume
         x0 = to_model_range(images[batch.to(device)], args.flip)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
-        y = drop_labels(labels[batch.to(device)], args.p_uncond, len(class_names))
+        y = drop_labels(labels[batch.to(device)], args.p_uncond, len(class_names))  # train_step stays DDPM's
         loss, finite = train_step(train_model, ema, optimizer, scaler, sched, x0, y, step, lr, args.precision)
         step = run["step"] = step + 1
         bar.update(1)
@@ -461,11 +463,10 @@ def open_log(path: Path, step: int):
     return log
 
 
-def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path, gif_path: Path | None = None,
+def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path | None, gif_path: Path | None = None,
                  y: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
-    """n samples of the EMA network, the same noise each call, as [0, 1] images on the CPU; their grid
-    (at most 16×16, a column per class) goes to path, and the first 16 as an animation to gif_path.
-    Classes y: default grid_labels; guidance: w."""
+    """n samples of classes y (default grid_labels) guided with w, the same noise each call, as [0, 1]
+    images on the CPU; their grid (a column per class) to path if given, and the first 16 to gif_path."""
     y = grid_labels(n, ema.num_classes, args.class_label) if y is None else y
     guidance = args.guidance if guidance is None else guidance
     device = sched.betas.device
@@ -482,7 +483,8 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path, gif_path:
         images.append((x.float().cpu() + 1) / 2)
     images = torch.cat(images)
     width = ema.num_classes if args.class_label is None else math.ceil(math.sqrt(min(256, len(y))))
-    save_image(images[:256], path, nrow=width)  # a column per class, or a square of one class
+    if path:  # a column per class, or a square of one class
+        save_image(images[:256], path, nrow=width)
     if gif_path:  # 50 frames, the last one held
         pictures = [to_pil_image(make_grid(frame[:16].clamp(-1, 1) / 2 + 0.5, nrow=4)) for frame in frames]
         durations = [60] * (len(pictures) - 1) + [2000]
@@ -576,9 +578,8 @@ def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class:
     """A row per w of GUIDANCE_SWEEP, per_class samples of each class (or of --class K), every row
     from the same noise: the rows differ only in w."""
     n = per_class * ema.num_classes
-    y = (torch.arange(ema.num_classes).repeat_interleave(per_class) if args.class_label is None
-         else torch.full((n,), args.class_label))
-    rows = [save_samples(ema, sched, n, args, path, y=y, guidance=w) for w in GUIDANCE_SWEEP]
+    y = grid_labels(n, ema.num_classes, args.class_label).sort().values  # per_class of each class in turn
+    rows = [save_samples(ema, sched, n, args, None, y=y, guidance=w) for w in GUIDANCE_SWEEP]
     save_image(torch.cat(rows), path, nrow=len(y))
 
 
@@ -650,8 +651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", choices=SKIPS, default="uniform", help="the sampler's timesteps")
     # Label dropout: the paper found p_uncond 0.1 or 0.2 best, 0.5 clearly worse.
     p.add_argument("--p-uncond", type=float, default=0.1, help="probability of training a label as ∅")
-    # w = 2 makes every sample's class unmistakable, as a grid should, at a cost in diversity; the
-    # paper's best FID came at w = 0.1 (ImageNet 64×64) and 0.3 (128×128).
+    # w = 2 makes each sample's class unmistakable, as a grid should; the paper's best FIDs: w = 0.1, 0.3
     p.add_argument("--guidance", type=float, default=2.0, help="w of CFG eq. 6 (diffusers' scale is 1+w)")
     p.add_argument("--class", dest="class_label", metavar="K", help="sample class K (index or name) only")
     p.add_argument("--sweep", action="store_true", help="with --sample-only: also write guidance_sweep.png")

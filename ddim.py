@@ -57,8 +57,8 @@ MAX_BAD_STEPS = 20  # stop after this many NaN/inf steps in a row
 
 # --- noise schedule
 class Schedule:
-    """β_t and what follows from it, t = 0..T-1: float64 math, float32 tensors the EMA never sees.
-    prediction: the network's output, ε or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022)."""
+    """β_t and what follows, t = 0..T-1: float64 math, float32 tensors the EMA never sees. prediction:
+    the network's output, the paper's ε or (ours, folders) v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho)."""
 
     def __init__(self, T: int = 1000, kind: str = "linear", device="cpu", prediction: str = "eps"):
         if kind == "linear":  # Sec. 4: β from 1e-4 to 0.02
@@ -80,14 +80,14 @@ class Schedule:
         """ε from the network's output at (x_t, t): the output itself, or ε = √(1−ᾱ_t) x_t + √ᾱ_t v."""
         if self.prediction == "eps":
             return output.float()
-        alpha_bar = self.alpha_bar[t][:, None, None, None]
+        alpha_bar = self.alpha_bar[t][:, None, None, None]  # v-prediction: ours
         return (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * output.float()
 
 
 # --- forward process, loss
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1): one per image
+    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1); each function reads as its equation
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
@@ -98,7 +98,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
     output = model(q_sample(sched, x0, t, noise), t).float()
     if sched.prediction == "eps":
         return F.mse_loss(output, noise)
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]
+    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # v-prediction: ours
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
     snr = alpha_bar / (1 - alpha_bar)  # of x_t; min(SNR, 5) / (SNR + 1) spares t near T and near 0
     return (snr.clamp(max=5) / (snr + 1) * (output - v) ** 2).mean()
@@ -107,7 +107,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 # --- Algorithm 1: training
 def update_ema(ema: UNet, model, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
-    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999, warmed up so short runs work
+    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999; the warm-up (ours): short runs
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
@@ -157,7 +157,7 @@ def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
 
 
 @torch.inference_mode()
-def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, *, eta: float = 0.0,
+def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, *, eta: float,
            skip: str = "uniform", generator: torch.Generator | None = None,
            x_T: torch.Tensor | None = None, frames: list | None = None,
            progress: bool = False) -> torch.Tensor:
@@ -174,9 +174,11 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, *, eta: f
         alpha_bar_prev = sched.alpha_bar[t_prev] if t_prev >= 0 else one
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         eps = sched.eps_from(model(x, t_batch), x, t_batch)
-        x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)  # eq. 12's x̂0
-        eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()  # the ε that fits the clipped x̂0
-        # eq. 16: σ = η √((1 − ᾱ_prev) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_prev)
+        # eq. 12's x̂0, clipped (ours: the DDIM code does not clip; DDPM's does), ε re-derived from it
+        x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
+        eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
+        # eq. 16: σ = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev), in float32 as stored: for close steps
+        # 1 − ᾱ_t/ᾱ_prev keeps ~3 digits (~3e-5 in the samples, test_all.py measures it); clear enough
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         # eq. 12: x_prev = √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z  (the clamp stops rounding below 0)
         x = alpha_bar_prev.sqrt() * x0_hat + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
@@ -300,7 +302,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     stop_signals = catch_stop_signals(world_size)
     log = open_log(out / "log.csv", run["step"]) if rank == 0 else None
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
-    totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
+    totals = torch.zeros(3, device=device)  # since the last row: summed loss, updates, stops (one all_reduce)
     step = timer_step = run["step"]
     timer, bad_in_a_row, stop, order = time.perf_counter(), 0, False, None
     measured_from = None  # the first row's (step, elapsed): the speed is measured after start-up
@@ -545,11 +547,11 @@ def random_latents(ema: UNet, n: int, seed: int) -> torch.Tensor:
 
 
 def save_consistency(ema: UNet, sched: Schedule, args, out: Path, n: int = 8) -> None:
-    """Latents decoded with η = 0 in 10 to 1000 steps, a row each (Sec. 5.3): the latent decides
-    what the image shows, not the number of steps."""
+    """Latents decoded with η = 0 in 10 to 1000 steps, a row each (sample consistency, Sec. 5.2): the
+    latent decides what the image shows, not the number of steps."""
     x_T = random_latents(ema, n, args.seed)
     steps = [s for s in (10, 20, 50, 100, 1000) if s <= sched.T]
-    rows = [sample(ema, sched, x_T.shape, s, skip=args.skip, x_T=x_T, progress=True) for s in steps]
+    rows = [sample(ema, sched, x_T.shape, s, eta=0.0, skip=args.skip, x_T=x_T, progress=True) for s in steps]
     save_image((torch.cat(rows) + 1) / 2, out / "consistency.png", nrow=n)
     print(f"wrote {out / 'consistency.png'}: rows of {', '.join(map(str, steps))} steps")
 
@@ -559,7 +561,7 @@ def save_inversion(ema: UNet, sched: Schedule, args, dataset: str, out: Path, n:
     images, _, _ = load_dataset(dataset, args.data_dir, ema.image_size)
     x0 = to_model_range(images[:n].to(sched.betas.device), flip=False)
     latents = invert(ema, sched, x0, args.sample_steps, args.skip)
-    recon = sample(ema, sched, x0.shape, args.sample_steps, skip=args.skip, x_T=latents)
+    recon = sample(ema, sched, x0.shape, args.sample_steps, eta=0.0, skip=args.skip, x_T=latents)
     rows = torch.cat([(x0 + 1) / 2, latents / 4 + 0.5, (recon + 1) / 2])  # latents: ±2σ → [0, 1]
     save_image(rows, out / "inversion.png", nrow=n)
     mse = F.mse_loss(recon, x0).item()
@@ -571,7 +573,7 @@ def save_interpolation(ema: UNet, sched: Schedule, args, out: Path, pairs: int =
     """A row per pair of random latents a, b: slerp(a, b, α) for n values of α in [0, 1], with η = 0."""
     a, b = random_latents(ema, 2 * pairs, args.seed).chunk(2)
     x_T = torch.stack([slerp(a, b, alpha) for alpha in torch.linspace(0, 1, n).tolist()], dim=1)
-    x = sample(ema, sched, x_T.flatten(0, 1).shape, args.sample_steps, skip=args.skip,
+    x = sample(ema, sched, x_T.flatten(0, 1).shape, args.sample_steps, eta=0.0, skip=args.skip,
                x_T=x_T.flatten(0, 1))
     save_image((x + 1) / 2, out / "interpolation.png", nrow=n)
     print(f"wrote {out / 'interpolation.png'}")

@@ -54,8 +54,8 @@ MAX_BAD_STEPS = 20  # stop after this many NaN/inf steps in a row
 
 # --- noise schedule
 class Schedule:
-    """β_t and what follows from it, t = 0..T-1: float64 math, float32 tensors the EMA never sees.
-    prediction: the network's output, ε or v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022)."""
+    """β_t and what follows, t = 0..T-1: float64 math, float32 tensors the EMA never sees. prediction:
+    the network's output, the paper's ε or (ours, folders) v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho)."""
 
     def __init__(self, T: int = 1000, kind: str = "linear", device="cpu", prediction: str = "eps"):
         if kind == "linear":  # Sec. 4: β from 1e-4 to 0.02
@@ -77,14 +77,14 @@ class Schedule:
         """ε from the network's output at (x_t, t): the output itself, or ε = √(1−ᾱ_t) x_t + √ᾱ_t v."""
         if self.prediction == "eps":
             return output.float()
-        alpha_bar = self.alpha_bar[t][:, None, None, None]
+        alpha_bar = self.alpha_bar[t][:, None, None, None]  # v-prediction: ours
         return (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * output.float()
 
 
 # --- forward process, loss
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1): one per image
+    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1); each function reads as its equation
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
@@ -95,7 +95,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
     output = model(q_sample(sched, x0, t, noise), t).float()
     if sched.prediction == "eps":
         return F.mse_loss(output, noise)
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]
+    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # v-prediction: ours
     v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
     snr = alpha_bar / (1 - alpha_bar)  # of x_t; min(SNR, 5) / (SNR + 1) spares t near T and near 0
     return (snr.clamp(max=5) / (snr + 1) * (output - v) ** 2).mean()
@@ -104,7 +104,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 # --- Algorithm 1: training
 def update_ema(ema: UNet, model, step: int) -> None:
     """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
-    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999, warmed up so short runs work
+    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999; the warm-up (ours): short runs
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
@@ -240,7 +240,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     stop_signals = catch_stop_signals(world_size)
     log = open_log(out / "log.csv", run["step"]) if rank == 0 else None
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
-    totals = torch.zeros(3, device=device)  # since the last log row: summed loss, updates; stop votes
+    totals = torch.zeros(3, device=device)  # since the last row: summed loss, updates, stops (one all_reduce)
     step = timer_step = run["step"]
     timer, bad_in_a_row, stop, order = time.perf_counter(), 0, False, None
     measured_from = None  # the first row's (step, elapsed): the speed is measured after start-up

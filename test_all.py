@@ -4,6 +4,7 @@ Run: python -m pytest -q test_all.py        (under ~3 minutes on 2 CPU cores)
 """
 import argparse
 import copy
+import importlib.util
 import inspect
 import math
 import os
@@ -388,7 +389,7 @@ def test_sampler_recovers_gaussian_data(steps, skip, eta, shrink):
 
 def test_ddim_sampler_detects_a_wrong_model():
     sched = ddpm.Schedule(1000, "linear")
-    x = ddim.sample(gaussian_eps(sched, 0.3, 0.4), sched, (2000, 1, 4, 4), 50)
+    x = ddim.sample(gaussian_eps(sched, 0.3, 0.4), sched, (2000, 1, 4, 4), 50, eta=0.0)
     assert abs(x.std().item() - 0.2) > 0.1
 
 
@@ -442,11 +443,11 @@ def test_eta_0_is_deterministic_given_x_T():
     sched = ddpm.Schedule(100, "linear")
     model = gaussian_eps(sched, 0.3, 0.2)
     x_T = torch.randn(8, 1, 4, 4)
-    a = ddim.sample(model, sched, x_T.shape, 10, x_T=x_T, generator=torch.Generator().manual_seed(1))
-    b = ddim.sample(model, sched, x_T.shape, 10, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    a = ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     frames = []
-    ddim.sample(model, sched, x_T.shape, 10, x_T=x_T, frames=frames)
+    ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, frames=frames)
     assert len(frames) == 10 and torch.equal(frames[-1], a)
 
 
@@ -457,7 +458,7 @@ def test_invert_then_sample_reconstructs_the_input(steps, max_mse):
     x0 = 0.3 + 0.2 * torch.randn(512, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     x_T = ddim.invert(model, sched, x0, steps)
     assert x_T.std().item() == pytest.approx(1.0, abs=0.05)  # data became noise (S=100: 0.97)
-    recon = ddim.sample(model, sched, x0.shape, steps, x_T=x_T)
+    recon = ddim.sample(model, sched, x0.shape, steps, eta=0.0, x_T=x_T)
     assert (recon - x0).pow(2).mean().item() < max_mse
 
 
@@ -1440,3 +1441,42 @@ def test_the_prepared_gpu_check_dry_run(tmp_path):
     assert [row.split(" | ")[:2] for row in rows] == [["| small", "bfloat16"], ["| small", "float16"],
                                                       ["| ddpm_cifar10", "bfloat16"], ["| ddpm_cifar10", "float16"]]
     assert rows[-1].endswith(" h |") and "CUDA tests: not run" in out.read_text()
+
+
+# The README's "Copy the paper into your project": these imports, then a script's text from
+# "# --- noise schedule" up to "# --- data", beside unet.py.
+COPY_IMPORTS = "import math\n\nimport torch\nimport torch.nn.functional as F\nfrom tqdm import tqdm\n\nfrom unet import UNet\n\n\n"
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
+def test_the_paper_part_of_each_script_can_be_copied_alone(script, tmp_path, monkeypatch):
+    """Exactly the section the README names, with its imports and unet.py, in an empty folder: it
+    trains a few steps and samples, with no other line of the script."""
+    source = (ROOT / f"{script}.py").read_text()
+    (tmp_path / "paper.py").write_text(COPY_IMPORTS + source[source.index("# --- noise schedule"):
+                                                             source.index("# --- data")])
+    (tmp_path / "unet.py").write_bytes((ROOT / "unet.py").read_bytes())
+    monkeypatch.delitem(sys.modules, "unet")  # the copy's own unet.py, not this repo's
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.spec_from_file_location(f"paper_of_{script}", tmp_path / "paper.py")
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    torch.manual_seed(0)
+    sched = paper.Schedule(20)
+    num_classes = 2 if script == "cfg" else None
+    model = paper.UNet(1, 8, channels=8, channel_mult=(1, 2), attn_levels=(1,), num_classes=num_classes)
+    ema = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    y = torch.tensor([0, 1, 0, 1])
+    shape = x0.shape
+    for step in range(3):
+        labels = (paper.drop_labels(y, 0.1, 2),) if script == "cfg" else ()
+        assert paper.train_step(model, ema, optimizer, FLOAT32, sched, x0, *labels, step, 1e-3, "float32")[1]
+    if script == "ddpm":
+        x = paper.sample(ema, sched, shape)
+    elif script == "ddim":
+        x = paper.sample(ema, sched, shape, 5, eta=0.0, x_T=paper.invert(ema, sched, x0, 5))
+    else:
+        x = paper.sample(ema, sched, shape, 5, y, guidance=2.0, null_label=2, eta=1.0)
+    assert x.shape == shape and torch.isfinite(x).all()

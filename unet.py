@@ -11,8 +11,9 @@ time embedding scales and shifts the normalised activations instead of being add
 cfg.py the network can be class-conditional: a label embedding, with one extra row for the "null"
 label, is added to the time embedding.
 
-The network maps (x_t, t[, y]) to a tensor of x_t's shape: the predicted noise ε. Images are
-square, of any size divisible by 2^(levels−1); attention is placed by level, not by pixel size.
+The network maps (x_t, t[, y]) to a tensor of x_t's shape: the predicted noise ε (for a folder, by
+default v = √ᾱ_t ε − √(1−ᾱ_t) x0: the scripts' --prediction). Images are square, of any size
+divisible by 2^(levels−1); attention is placed by level, not by pixel size.
 """
 import math
 
@@ -45,6 +46,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """The paper's 32 groups; 8 where the width is not a multiple of 32 (narrow test networks)."""
+    return nn.GroupNorm(32 if channels % 32 == 0 else 8, channels)
+
+
 def variance_scaling_(module: nn.Module, scale: float = 1.0) -> nn.Module:
     """The official code's init: weights ~ U(±√(3·scale / fan_avg)), fan_avg = (fan_in + fan_out)/2
     (Glorot uniform with gain √scale), biases zero. scale = 1e-10 for a layer that starts near 0."""
@@ -59,11 +65,11 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(32 if in_ch % 32 == 0 else 8, in_ch)
+        self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         # One linear layer gives (scale, shift) or, as in the paper, a per-channel bias.
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
-        self.norm2 = nn.GroupNorm(32 if out_ch % 32 == 0 else 8, out_ch)
+        self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -85,7 +91,7 @@ class Attention(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.norm = nn.GroupNorm(32 if ch % 32 == 0 else 8, ch)
+        self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
 
@@ -162,11 +168,12 @@ class UNet(nn.Module):
                 if level != 0 and block == num_res_blocks:
                     stage.append(Upsample(ch))
                 self.up.append(nn.ModuleList(stage))
-        self.norm_out = nn.GroupNorm(32 if ch % 32 == 0 else 8, ch)
+        self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, image_channels, 3, padding=1)
 
-        # The official init: variance scaling everywhere, then scale 1e-10 for the last layer of
-        # every residual branch (and of the network), so that each block starts as the identity.
+        # The official init: variance scaling for every conv and linear layer (the label embedding
+        # keeps PyTorch's N(0, 1)), then scale 1e-10 for the last layer of every residual branch (and
+        # of the network), so that each block starts as the identity.
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 variance_scaling_(module)
