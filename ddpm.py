@@ -41,13 +41,13 @@ DATASET_DEFAULTS = {
     "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000, flip=True),
-    "folder": dict(preset="small", lr=1e-3, warmup=200, flip=True, batch_size=32, prediction="v"),
+    "folder": dict(preset="small", lr=1e-3, flip=True, batch_size=32, prediction="v"),
 }
 FOLDER_MINUTES = 30  # a folder's default length: training sized to half an hour of this machine
 MEASURE_STEPS = 50  # steps whose speed sizes it, after the first log row (start-up, compiling)
 FOLDER_SIZE = 64    # a folder's largest default --image-size: a laptop's
 LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
-CKPT_EVERY = 500    # most steps between checkpoints (or each epoch) and between sample grids
+CKPT_EVERY = 500    # most steps between checkpoints (or each epoch); grids: every max(1, 500 // that) epochs
 GRID_SHARE = 0.1    # most of the run's time that the sample grids may take
 MAX_BAD_STEPS = 20  # stop after this many NaN/inf steps in a row
 
@@ -62,12 +62,12 @@ class Schedule:
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17 with s = 0.008: ᾱ follows a squared cosine
             f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip: no β = 1 at t = T
         else:
             raise ValueError(f"unknown schedule {kind!r}")
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)                        # ᾱ_t = Π_{s≤t} α_s
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ before t = 0: 1
         self.T = T
         self.prediction = prediction
         self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev = (
@@ -113,7 +113,7 @@ def update_ema(ema: UNet, model, step: int) -> None:
 def train_step(model, ema: UNet, optimizer, scaler, sched: Schedule, x0: torch.Tensor, step: int, lr: float,
                precision: str) -> tuple[torch.Tensor, bool]:
     """Algorithm 1, once: L_simple, a clipped AdamW step, the EMA. Returns the loss and False for a NaN or
-    inf step, which changes nothing (ours); a float16 overflow of a finite loss is no such step: the
+    inf step, which changes no weight (ours); a float16 overflow of a finite loss is no such step: the
     loss scaler skips it and halves its scale."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -144,10 +144,10 @@ def sample(model, sched: Schedule, shape: tuple[int, ...], *, generator: torch.G
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         eps = sched.eps_from(model(x, t_batch), x, t_batch)
         alpha_bar, alpha_bar_prev = sched.alpha_bar[t], sched.alpha_bar_prev[t]
-        x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)  # eq. 15
+        x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)  # eq. 15, official clip
         x = (alpha_bar_prev.sqrt() * sched.betas[t] / (1 - alpha_bar) * x0_hat        # eq. 7: μ̃_t
              + sched.alphas[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * x)
-        if t > 0:  # x_{t-1} = μ̃_t + σ_t z, σ_t² = β_t (β̃_t, as good in the paper: ddim.py's η = 1)
+        if t > 0:  # x_{t-1} = μ̃_t + σ_t z, σ_t² = β_t (β̃_t, as good in the paper: ddim.py's η = 1, S = T)
             x = x + sched.betas[t].sqrt() * torch.randn(shape, device=device, generator=generator)
         if frames is not None and (t % max(1, sched.T // 50) == 0):
             frames.append(x.cpu())
@@ -242,8 +242,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
     totals = torch.zeros(3, device=device)  # since the last row: summed loss, updates, stops (one all_reduce)
     step = timer_step = run["step"]
-    timer, bad_in_a_row, stop, order = time.perf_counter(), 0, False, None
-    measured_from = None  # the first row's (step, elapsed): the speed is measured after start-up
+    timer, bad_in_a_row, stop, order, measured_from = time.perf_counter(), 0, False, None, None
     while step < total_steps and not stop:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         if order is None or index_in_epoch == 0:  # from (seed, epoch) alone: the same again on resume
@@ -278,7 +277,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                               f"{images_per_s:.1f}", f"{run['elapsed']:.1f}", run["skipped"]])
             totals.zero_()
             timer, timer_step = time.perf_counter(), step
-            measured_from = measured_from or (step, run["elapsed"])
+            measured_from = measured_from or (step, run["elapsed"])  # the first row's: after start-up
             if total_steps == math.inf and step - measured_from[0] >= MEASURE_STEPS:
                 total_steps = bar.total = plan_run(images, args, run, device, rank, world_size, measured_from)
         if rank == 0 and (stop or step == total_steps or step % min(CKPT_EVERY, steps_per_epoch) == 0):
@@ -312,9 +311,8 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
 
 def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: int, world_size: int,
              measured_from: tuple[int, float] | None = None) -> float:
-    """The run's length in steps, and rank 0's start line once it is known: --epochs, or the length in
-    run, or for a folder by default the whole epochs that fill FOLDER_MINUTES of training at the speed
-    since measured_from (step, elapsed), kept in run; rank 0's decides. math.inf until measured."""
+    """The run's length in steps (math.inf until measured) and rank 0's start line: --epochs, run's, or by
+    default for a folder the whole epochs that fill FOLDER_MINUTES at rank 0's speed since measured_from."""
     steps_per_epoch = len(images) // args.batch_size
     run["epochs"] = args.epochs or run["epochs"]
     note = f", resuming at step {run['step']}" if run["step"] else ""
@@ -337,8 +335,7 @@ def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: 
 
 
 def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
-    """The network, its EMA copy, AdamW, float16's loss scaler and the run's counters: new, or as --resume's
-    checkpoint left them."""
+    """The network, its EMA copy, AdamW, float16's loss scaler and the run's counters: new, or resumed."""
     if ckpt_path.is_file() and not (args.resume or args.auto_resume or args.overwrite):
         raise SystemExit(f"error: {ckpt_path.parent} holds a run: --resume it, --overwrite it, or use "
                          f"another --out")
@@ -365,8 +362,7 @@ def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
 
 
 def catch_stop_signals(world_size: int) -> list:
-    """Ctrl-C (and SIGTERM, unless torchrun sent it for a dead worker) is noted: train saves and stops.
-    A second one stops at once."""
+    """Ctrl-C, or SIGTERM unless torchrun sent it for a dead worker: train saves and stops; twice: at once."""
     stop_signals = []
 
     def request_stop(signum, _frame):
@@ -483,7 +479,7 @@ def positive_int(text: str) -> int:
 
 def pick_precision(precision: str, device: torch.device) -> str:
     """--precision auto: bfloat16 where it is native (Ampere or newer GPUs; CPUs with AVX-512 BF16 or AMX,
-    1.7× faster at 28×28), float16 with loss scaling on older CUDA GPUs (a T4, a V100), else float32."""
+    2.0× faster at 28×28), float16 with loss scaling on older CUDA GPUs (a T4, a V100), else float32."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -504,7 +500,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=positive_int)
     p.add_argument("--batch-size", type=positive_int, default=128, help="global, over all DDP processes")
     p.add_argument("--lr", type=float, help="after a linear warmup")
-    p.add_argument("--warmup", type=positive_int, help="steps")
+    p.add_argument("--warmup", type=positive_int, default=200, help="steps")
     p.add_argument("--preset", choices=PRESETS, help="U-Net size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ddpm")
@@ -556,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.precision = pick_precision(args.precision, device)  # auto depends on the device
     try:  # the expected failures end in one line
-        if args.export:  # for sampling only: EMA weights and config, a third the size
+        if args.export:  # for sampling only: EMA weights and config, a quarter the size
             ckpt = load_checkpoint(args.ckpt)[1]
             save_checkpoint(Path(args.export), {key: ckpt[key] for key in ("ema", "config", "step", "args")})
             print(f"wrote {args.export}: the EMA weights of {args.ckpt} at step {ckpt['step']}")

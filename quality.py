@@ -6,8 +6,8 @@ Fréchet distance between Gaussians fitted to the features of generated samples 
 says how far the samples are from the data.
 
 Fashion-MNIST, MNIST: a CNN classifier trained on the held-out t10k split; the real images are the
-whole training split (60,000). For class-conditional samples, it also says how often a sample shows
-the class it was meant to show.
+whole training split (60,000). For class-conditional Fashion-MNIST samples (cfg.py's file names), it
+also says how often a sample shows the class it was meant to show.
 
     python quality.py runs/ddpm/pngs --dataset fashion     # one line per folder of PNGs
     python quality.py --reference --dataset fashion        # real / blurred / noise, for scale
