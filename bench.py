@@ -61,7 +61,8 @@ def seconds_per_call(fn, device: torch.device, min_seconds: float, warmup: int =
     return (time.perf_counter() - start) / calls
 
 
-def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, min_seconds: float, n: int = 0) -> float:
+def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, min_seconds: float,
+                            n: int = 0) -> float:
     """The device's dense-matmul throughput: the yardstick for the U-Net's utilization."""
     n = n or (4096 if device.type == "cuda" else 1024)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -126,7 +127,8 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
     def sampling(sampler, steps_timed: int, steps_full: int) -> float:
         """Images/s of a full sampling run, from timing steps_timed of its steps."""
         def run():
-            with torch.autocast(device.type, getattr(torch, args.precision), enabled=args.precision != "float32"):
+            dtype = getattr(torch, args.precision)
+            with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
                 sampler()
         return batch / (seconds_per_call(run, device, args.seconds, warmup=1) / steps_timed * steps_full)
 
@@ -170,10 +172,13 @@ def check(args) -> None:
     write(f"\n## {machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}\n")
     if args.dry_run:
         write("CUDA tests: not run (a dry run)")
-    else:  # in their own process, so that a failure there still leaves the speed rows below
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "test_all.py"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent)
-        write(f"CUDA tests: {(tests.stdout.strip().splitlines() or ['no output'])[-1]}")
+    else:  # in their own process, so that a failure or a hang there still leaves the speed rows below
+        try:
+            tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "test_all.py"],
+                                   capture_output=True, text=True, cwd=Path(__file__).parent, timeout=240)
+            write(f"CUDA tests: {(tests.stdout.strip().splitlines() or ['no output'])[-1]}")
+        except subprocess.TimeoutExpired:
+            write("CUDA tests: not finished after 240 s")
     write(f"\n| preset | precision | batch | images/s | utilization | peak memory | {PAPER_CIFAR10_STEPS:,} "
           f"CIFAR-10 steps at batch {PAPER_BATCH} |\n|---|---|---|---|---|---|---|")
     for preset, settings in PRESETS.items():
@@ -182,12 +187,14 @@ def check(args) -> None:
             settings, size = {**settings, "channels": 8}, 8
         for precision in ("bfloat16", "float16"):
             row_args = argparse.Namespace(**{**vars(args), "preset": preset, "precision": precision})
-            matmul = matmul_flops_per_second(device, getattr(torch, precision), args.seconds, 64 * args.dry_run)
-            r = measure("this repo", lambda k: UNet(channels, size, **settings, num_classes=k), row_args, device,
-                        matmul, first=True, sampling_too=False, image_shape=(channels, size))
+            matmul = matmul_flops_per_second(device, getattr(torch, precision), args.seconds,
+                                             64 * args.dry_run)
+            r = measure("this repo", lambda k: UNet(channels, size, **settings, num_classes=k), row_args,
+                        device, matmul, first=True, sampling_too=False, image_shape=(channels, size))
             hours = PAPER_CIFAR10_STEPS * PAPER_BATCH / r["train_img_s"] / 3600
-            write(f"| {preset} | {precision} | {args.batch_size} | {r['train_img_s']:.0f} | {r['train_util']:.0%} "
-                  f"| {r['peak_mem_GiB']:.2f} GiB | {f'{hours:.1f} h' if preset == 'ddpm_cifar10' else '—'} |")
+            paper_hours = f"{hours:.1f} h" if preset == "ddpm_cifar10" else "—"
+            write(f"| {preset} | {precision} | {args.batch_size} | {r['train_img_s']:.0f} "
+                  f"| {r['train_util']:.0%} | {r['peak_mem_GiB']:.2f} GiB | {paper_hours} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
     p.add_argument("--timed-steps", type=int, default=5, help="sampler steps timed per measurement")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="autocast, as in the scripts; auto: bfloat16 where native, float16 on other CUDA GPUs")
+                   help="autocast as in the scripts; auto: bfloat16 where native, float16 on other GPUs")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--check", action="store_true", help="the prepared GPU check (CUDA tests, both presets)")
@@ -226,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         models["diffusers UNet2DModel"] = lambda k: DiffusersUNet(channels, size, preset, k)
     else:
         print("diffusers is not installed: pip install diffusers to compare against UNet2DModel")
-    rows = [measure(name, make, args, device, matmul, first=i == 0) for i, (name, make) in enumerate(models.items())]
+    rows = [measure(name, make, args, device, matmul, first=i == 0)
+            for i, (name, make) in enumerate(models.items())]
     columns = ["params_M", "train_img_s", "train_util", "ddpm1000_img_s", "ddim50_img_s",
                "cfg50_img_s", "cfg_step_over_2b_forward", "peak_mem_GiB"]
     print(f"{'':24s}" + "".join(f"{c:>26s}" for c in columns))

@@ -367,7 +367,7 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     if (labels < 0).any():
         print(f"left out {(labels < 0).sum().item()} image(s) directly in {args.dataset}: they have no class")
         images, labels = images[labels >= 0], labels[labels >= 0]
-    args.class_label = class_index(args.class_label, classes)
+    args.class_label = class_index(args.class_label, classes)  # --class NAME: its index, now known
     if len(images) < args.batch_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
     return images.to(device), labels.to(device), classes
@@ -525,7 +525,7 @@ def sample_only(args, device: torch.device) -> None:
         raise SystemExit(f"error: {args.ckpt} holds an unconditional model (from ddpm.py or ddim.py): "
                          f"guided sampling needs one trained by cfg.py")
     class_names = ckpt["config"].get("classes") or [str(i) for i in range(ema.num_classes)]
-    args.class_label = class_index(args.class_label, class_names)
+    args.class_label = class_index(args.class_label, class_names)  # --class NAME: its index, now known
     sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device,
                      ckpt["config"].get("prediction", "eps"))  # older checkpoints: ε
     out = Path(args.out)

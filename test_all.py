@@ -962,10 +962,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("precision", ["auto", "float16"])
 @pytest.mark.parametrize("script", [ddpm, ddim, cfg], ids=lambda m: m.__name__)
 def test_cuda_compiled_training_samples_and_resumes(script, precision, tiny_data, tmp_path):
-    """A GPU's defaults (channels_last, fused AdamW, TF32, bfloat16 where native) and --compile: train,
-    sample, and resume to the same weights as a straight run, within float rounding (GPU kernels are
-    not bit-deterministic)."""
-    common = [*FAST, "--device", "cuda", "--data-dir", str(tiny_data), "--compile", "--precision", precision]
+    """A GPU's defaults (channels_last, fused AdamW, TF32, bfloat16 where native) with --compile, and
+    float16 forced: train, sample, and resume to the same weights as a straight run, within float
+    rounding (rtol 1e-3, atol 1e-4: GPU kernels are not bit-deterministic)."""
+    compiled = ["--compile"] if precision == "auto" else []  # compiling costs time: once per script
+    common = [*FAST, "--device", "cuda", "--data-dir", str(tiny_data), *compiled, "--precision", precision]
     script.main([*common, "--out", str(tmp_path / "straight"), "--max-steps", "16"])
     script.main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "8"])
     script.main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "16", "--resume"])
@@ -1368,15 +1369,27 @@ def looks_like_fashion_mnist(x: torch.Tensor) -> bool:
     return background > 1 / 3 and neighbours > 0.8
 
 
-@pytest.mark.parametrize("name", ["ddpm_fashion.pt", "cfg_fashion.pt"])
-def test_shipped_checkpoints_sample_garments_and_an_untrained_network_does_not(name):
+def looks_like_emoji(x: torch.Tensor) -> bool:
+    """Coloured things on white: at least half the samples have white corners (real emoji: 83–87%; the
+    shipped model: 81% of 16), and neighbouring pixels agree (above 0.8; the shipped model 0.93)."""
+    corners = torch.stack([x[..., :3, :3], x[..., :3, -3:], x[..., -3:, :3], x[..., -3:, -3:]], 1)
+    on_white = ((corners > 0.7).flatten(1).float().mean(1) > 0.9).float().mean().item()
+    left, right = x[..., :-1].flatten(), x[..., 1:].flatten()
+    return on_white >= 0.5 and torch.corrcoef(torch.stack([left, right]))[0, 1].item() > 0.8
+
+
+@pytest.mark.parametrize("name", ["ddpm_fashion.pt", "cfg_fashion.pt", "ddpm_emoji.pt"])
+def test_shipped_checkpoints_sample_their_pictures_and_an_untrained_network_does_not(name):
     ema, ckpt = ddpm.load_checkpoint(ROOT / "pretrained" / name)
     assert "optimizer" not in ckpt and "model" not in ckpt  # sampling-only, a few MB
-    sched = ddpm.Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"])
-    untrained = UNet(**ckpt["config"]["unet"]).eval()
+    config = ckpt["config"]
+    sched = ddpm.Schedule(config["timesteps"], config["schedule"], prediction=config.get("prediction", "eps"))
+    untrained = UNet(**config["unet"]).eval()
+    shape = (8 if "fashion" in name else 16, config["unet"]["image_channels"], ema.image_size, ema.image_size)
+    looks_right = looks_like_fashion_mnist if "fashion" in name else looks_like_emoji
     for model, expected in ((ema, True), (untrained, False)):
-        x = ddim.sample(model, sched, (8, 1, 28, 28), 20, eta=1.0, generator=torch.Generator().manual_seed(0))
-        assert looks_like_fashion_mnist(x) == expected
+        x = ddim.sample(model, sched, shape, 20, eta=1.0, generator=torch.Generator().manual_seed(0))
+        assert looks_right(x) == expected
 
 
 def test_quality_measures_frechet_distance_exactly():
@@ -1449,7 +1462,7 @@ COPY_IMPORTS = "import math\n\nimport torch\nimport torch.nn.functional as F\nfr
 
 
 @pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
-def test_the_paper_part_of_each_script_can_be_copied_alone(script, tmp_path, monkeypatch):
+def test_copy_the_paper_part_of_each_script_alone(script, tmp_path, monkeypatch):
     """Exactly the section the README names, with its imports and unet.py, in an empty folder: it
     trains a few steps and samples, with no other line of the script."""
     source = (ROOT / f"{script}.py").read_text()
