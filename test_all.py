@@ -163,12 +163,13 @@ def test_sampler_detects_a_wrong_model():
     assert abs(x.std().item() - 0.2) > 0.1
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
-def test_a_v_prediction_network_samples_as_its_eps_network(script):
+def test_a_v_prediction_network_samples_as_its_eps_network(script, schedule):
     """--prediction v: each sampler turns the network's v back into ε. Given the exact v of the exact ε
     (the closed-form predictor for N(mu, s²)), it must draw the same samples, noise for noise."""
     module = {"ddpm": ddpm, "ddim": ddim, "cfg": cfg}[script]
-    sched, sched_v = module.Schedule(1000, "linear"), module.Schedule(1000, "linear", prediction="v")
+    sched, sched_v = module.Schedule(1000, schedule), module.Schedule(1000, schedule, prediction="v")
     model = gaussian_eps(sched, 0.3, 0.2)
     v_model = as_v_model(sched, model)
     shape, y = (256, 1, 4, 4), torch.zeros(256, dtype=torch.long)
@@ -1346,6 +1347,7 @@ def test_cfg_trains_on_an_rgb_class_folder_and_samples_a_class_by_name(tmp_path,
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["config"]["classes"] == ["circles", "squares"] and ckpt["config"]["unet"]["image_channels"] == 3
     assert ckpt["config"]["prediction"] == "v" and ckpt["args"]["batch_size"] == 8  # a folder's default, a flag's
+    assert ckpt["config"]["schedule"] == "cosine"
     assert "columns: 0 circles, 1 squares" in capsys.readouterr().out
     cfg.main(["--sample-only", "--device", "cpu", "--out", str(out), "--class", "squares",
               "--n-samples", "2", "--save-pngs", str(tmp_path / "pngs")])
