@@ -15,7 +15,7 @@ costs the same. If `diffusers` is installed, its UNet2DModel, configured to the 
 width, depth and attention, is measured the same way.
 
 `--check`, for whoever has a CUDA GPU for a few minutes: test_all.py's CUDA tests, then the training
-speed of both presets in bfloat16 and float16 at batch 128, as a table (images/s, utilization, peak
+speed of every preset in bfloat16 and float16 at batch 128, as a table (images/s, utilization, peak
 memory, and the hours the DDPM paper's 800k CIFAR-10 steps would take), each row printed and appended
 to runs/gpu_check.md as it comes. Synthetic data, no download. `--check --dry-run` runs the same code
 on the CPU at toy sizes, without the CUDA tests: the test suite runs it, so the check cannot rot.
@@ -37,7 +37,7 @@ import ddim
 import ddpm
 from unet import PRESETS, UNet
 
-IMAGE_SHAPES = {"small": (1, 28), "ddpm_cifar10": (3, 32)}  # (channels, size) each preset is for
+IMAGE_SHAPES = {"small": (1, 28), "small48": (3, 32), "ddpm_cifar10": (3, 32)}  # (channels, size) each preset is for
 PAPER_CIFAR10_STEPS, PAPER_BATCH = 800_000, 128  # Ho et al., appendix B
 
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="autocast as in the scripts; auto: bfloat16 where native, float16 on other GPUs")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--check", action="store_true", help="the prepared GPU check (CUDA tests, both presets)")
+    p.add_argument("--check", action="store_true", help="the prepared GPU check (CUDA tests, every preset)")
     p.add_argument("--dry-run", action="store_true", help="with --check: on the CPU, at toy sizes")
     p.add_argument("--check-out", default="runs/gpu_check.md", help="where --check appends its rows")
     args = p.parse_args(argv)

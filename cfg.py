@@ -44,7 +44,7 @@ DATASET_DEFAULTS = {
     "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000, flip=True),
-    "folder": dict(preset="small", lr=1e-3, flip=True, batch_size=32, prediction="v", schedule="cosine"),
+    "folder": dict(preset="small48", lr=1e-3, flip=True, batch_size=32, prediction="v", schedule="cosine"),
 }
 FOLDER_MINUTES = 30  # a folder's default length: training sized to half an hour of this machine
 MEASURE_STEPS = 50  # steps whose speed sizes it, after the first log row (start-up, compiling)
