@@ -37,7 +37,7 @@ import ddim
 import ddpm
 from unet import PRESETS, UNet
 
-IMAGE_SHAPES = {"small": (1, 28), "small48": (3, 32), "ddpm_cifar10": (3, 32)}  # (channels, size) each preset is for
+IMAGE_SHAPES = {"small": (1, 28), "small48": (3, 32), "ddpm_cifar10": (3, 32)}  # (channels, size) each is for
 PAPER_CIFAR10_STEPS, PAPER_BATCH = 800_000, 128  # Ho et al., appendix B
 
 
