@@ -1458,7 +1458,7 @@ def test_the_prepared_gpu_check_dry_run(tmp_path):
     bench.main(["--check", "--dry-run", "--check-out", str(out)])
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "preset" not in line]
     assert [row.split(" | ")[:2] for row in rows] == [
-        [f"| {preset}", precision] for preset in ("small", "ddpm_cifar10", "small48")
+        [f"| {preset}", precision] for preset in PRESETS
         for precision in ("bfloat16", "float16")]
     assert all(row.endswith(" h |") == ("ddpm_cifar10" in row) for row in rows)  # the paper's hours
     assert "CUDA tests: not run" in out.read_text()
