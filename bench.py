@@ -106,7 +106,8 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
     x0 = x0.contiguous(memory_format=memory_format)
 
     def train_step():  # the scripts' training step: loss, backward, clipping, AdamW, EMA
-        ddpm.train_step(train_model, ema, optimizer, scaler, sched, x0, 10**6, 1e-4, args.precision)
+        loss_of = lambda: ddpm.diffusion_loss(train_model, sched, x0)  # noqa: E731
+        ddpm.train_step(train_model, ema, optimizer, scaler, loss_of, 10**6, 1e-4, args.precision)
 
     with FlopCounterMode(display=False) as counter:
         ddpm.diffusion_loss(model, sched, x0).backward()
@@ -140,9 +141,8 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
     if name.startswith("this repo"):  # guided sampling needs this repo's class-conditional U-Net
         cond = make_model(10).to(device, memory_format=memory_format).eval()
         labels = torch.arange(batch, device=device) % 10
-        result["cfg50_img_s"] = sampling(
-            lambda: cfg.sample(cond, sched, shape, timed, labels, guidance=2.0, null_label=10, eta=1.0),
-            timed, 50)
+        guided = lambda x, t: cfg.guided_eps(cond, x, t, labels, 2.0, 10)  # noqa: E731
+        result["cfg50_img_s"] = sampling(lambda: cfg.sample(guided, sched, shape, timed, eta=1.0), timed, 50)
         forward_2b = seconds_per_call(lambda: forward_only(cond, 2 * batch, shape, device, args.precision),
                                       device, args.seconds)
         result["cfg_step_over_2b_forward"] = batch / result["cfg50_img_s"] / 50 / forward_2b

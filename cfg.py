@@ -4,8 +4,8 @@ Train one DDPM network ε_θ(x_t, t, c) on (image, class) pairs, with the class 
 label ∅ for a random 10% of the samples (CFG Algorithm 1): the same network learns the conditional
 ε(x_t, c) and the unconditional ε(x_t, ∅). Sampling extrapolates past the conditional prediction,
 ε̃ = (1+w)·ε(x_t, c) − w·ε(x_t, ∅): the guidance strength w trades diversity for samples that look
-more like their class, with no classifier. Equation numbers: "CFG eq. N" is Ho & Salimans', the
-sampler's are the DDIM paper's, the rest the DDPM paper's; code timesteps t = 0..T-1 are its t = 1..T.
+more like their class, with no classifier. "CFG eq. N" is Ho & Salimans' equation N, "DDIM eq. N"
+the DDIM paper's, a bare "eq. N" the DDPM paper's; the code's t = 0..T-1 is the papers' t = 1..T.
 
     python cfg.py                                      # MNIST (downloads it); writes runs/cfg/
     python cfg.py --dataset fashion                    # Fashion-MNIST (Debian's copy when offline)
@@ -39,178 +39,167 @@ from tqdm import tqdm
 
 from unet import PRESETS, UNet
 
-# Per dataset (flags override): a CPU-sized net for 28×28, the paper's CIFAR-10 setup, ours for folders.
-DATASET_DEFAULTS = {
-    "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
-    "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
-    "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000, flip=True),
-    "folder": dict(preset="small48", lr=1e-3, flip=True, batch_size=32, prediction="v", schedule="cosine"),
-}
-FOLDER_MINUTES = 30  # a folder's default length: training sized to half an hour of this machine
-MEASURE_STEPS = 50  # steps whose speed sizes it, after the first log row (start-up, compiling)
-FOLDER_SIZE = 64    # a folder's largest default --image-size: a laptop's
-LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
-CKPT_EVERY = 500    # most steps between checkpoints (or each epoch); grids: every max(1, 500 // that) epochs
-GRID_SHARE = 0.1    # most of the run's time that the sample grids may take
-MAX_BAD_STEPS = 20  # stop after this many NaN/inf steps in a row
-
 
 # --- noise schedule
 class Schedule:
-    """β_t and what follows, t = 0..T-1: float64 math, float32 tensors the EMA never sees. prediction:
-    the network's output, the paper's ε or (ours, folders) v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho)."""
+    """The noise schedule: β_t, α_t = 1 − β_t and ᾱ_t = α_1·…·α_t, for the code's t = 0..T-1.
+    Computed in float64, stored as float32 tensors; they belong to no network, so no EMA sees them."""
 
-    def __init__(self, T: int = 1000, kind: str = "linear", device="cpu", prediction: str = "eps"):
-        if kind == "linear":  # Sec. 4: β from 1e-4 to 0.02
+    def __init__(self, T: int = 1000, kind: str = "linear", device="cpu"):
+        if kind == "linear":  # Sec. 4: β rises linearly from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-        elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17 with s = 0.008: ᾱ follows a squared cosine
-            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip: no β = 1 at t = T
+        elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t) / f(0)
+            s = 0.008  # their offset, which keeps β small near t = 0
+            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip, so that β < 1 near t = T
         else:
             raise ValueError(f"unknown schedule {kind!r}")
         alphas = 1 - betas
-        alpha_bar = torch.cumprod(alphas, dim=0)                        # ᾱ_t = Π_{s≤t} α_s
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ before t = 0: 1
+        alpha_bar = torch.cumprod(alphas, dim=0)
         self.T = T
-        self.prediction = prediction
-        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev = (
-            v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev))
-
-    def eps_from(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε from the network's output at (x_t, t): the output itself, or ε = √(1−ᾱ_t) x_t + √ᾱ_t v."""
-        if self.prediction == "eps":
-            return output.float()
-        alpha_bar = self.alpha_bar[t][:, None, None, None]  # v-prediction: ours
-        return (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * output.float()
+        self.betas = betas.float().to(device)
+        self.alphas = alphas.float().to(device)
+        self.alpha_bar = alpha_bar.float().to(device)
 
 
-# --- forward process, loss
+def at(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """values[t] for a batch of timesteps t, shaped (B, 1, …, 1) to scale a (B, …) tensor like x."""
+    return values[t].reshape(-1, *[1] * (x.ndim - 1))
+
+
+# --- forward process and loss
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1); each function reads as its equation
+    """q(x_t | x0) = N(√ᾱ_t x0, (1 − ᾱ_t) I), eq. 4, drawn as x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε."""
+    alpha_bar = at(sched.alpha_bar, t, x0)
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
 def diffusion_loss(model, sched: Schedule, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t, y)‖² with t uniform over all T steps (0..T-1). A v-network
-    learns v = √ᾱ_t ε − √(1−ᾱ_t) x0 instead, weighted by min-SNR-5 (Hang et al. 2023)."""
+    """L_simple, eq. 14, of a class-conditional network: ‖ε − ε_θ(x_t, t, y)‖², with t uniform and
+    ε ~ N(0, I); some labels y are ∅ (drop_labels). Algorithm 1 repeats a gradient step on it."""
     t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
-    output = model(q_sample(sched, x0, t, noise), t, y).float()
-    if sched.prediction == "eps":
-        return F.mse_loss(output, noise)
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # v-prediction: ours
-    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
-    snr = alpha_bar / (1 - alpha_bar)  # of x_t; min(SNR, 5) / (SNR + 1) spares t near T and near 0
-    return (snr.clamp(max=5) / (snr + 1) * (output - v) ** 2).mean()
+    return F.mse_loss(model(q_sample(sched, x0, t, noise), t, y), noise)
 
 
-# --- Algorithm 1: training (DDPM's), and CFG's Algorithm 1: label dropout
-def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
-    """CFG Algorithm 1: each label becomes ∅ with probability p_uncond, per sample, not per batch:
-    every batch trains the conditional and the unconditional model."""
-    return torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null_label, y)
-
-
-def update_ema(ema: UNet, model, step: int) -> None:
-    """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
-    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999; the warm-up (ours): short runs
+def update_ema(ema, model, *, decay: float = 0.9999) -> None:
+    """The exponential moving average of the weights that samples (Appendix B, decay 0.9999):
+    θ_ema ← decay·θ_ema + (1 − decay)·θ."""
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
 
 
-def train_step(model, ema: UNet, optimizer, scaler, sched: Schedule, x0: torch.Tensor, y: torch.Tensor,
-               step: int, lr: float, precision: str) -> tuple[torch.Tensor, bool]:
-    """Algorithm 1, once: L_simple on images x0 with labels y (some of them ∅), a clipped AdamW step,
-    the EMA. Returns the loss and False for a NaN or inf step, which changes no weight (ours); a float16
-    overflow of a finite loss is no such step: the loss scaler skips it and halves its scale."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with torch.autocast(x0.device.type, getattr(torch, precision), enabled=precision != "float32"):
-        loss = diffusion_loss(model, sched, x0, y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # float16: the loss scaled up, so that small gradients stay above 0
-    scaler.unscale_(optimizer)  # the true gradients again, for the clip (without float16: nothing to do)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
-        scaler.update()  # float16: the scale was too large and halves
-        return loss.detach(), scaler.is_enabled() and bool(torch.isfinite(loss))
-    scaler.step(optimizer)
-    scaler.update()
-    update_ema(ema, model, step)
-    return loss.detach(), True
+# --- CFG: label dropout and guidance
+def drop_labels(y: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
+    """CFG Algorithm 1: each label becomes ∅ with probability p_uncond, per sample, not per batch,
+    so that every batch trains the conditional and the unconditional model."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null_label, y)
 
 
-# --- guidance, sampler
+def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float,
+               null_label: int) -> torch.Tensor:
+    """CFG eq. 6: ε̃ = (1 + w)·ε_θ(x_t, c) − w·ε_θ(x_t, ∅), with w = guidance (w = 0: the plain
+    conditional model; diffusers' guidance_scale is 1 + w). model(x, t, y) predicts ε. Both
+    predictions come from one batch of 2B: [x, x] with labels [y, ∅]. The sampler takes ε̃ as a
+    function of (x, t): lambda x, t: guided_eps(model, x, t, y, w, null_label)."""
+    if guidance == 0:  # ε̃ = ε_θ(x_t, c): the unconditional half would be multiplied by 0
+        return model(x, t, y)
+    labels = torch.cat([y, torch.full_like(y, null_label)])
+    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), labels).chunk(2)
+    return (1 + guidance) * eps_cond - guidance * eps_uncond
+
+
+# --- DDIM's sampler, which samples with ε̃
 SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
 
 def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
-    """The S = steps timesteps the sampler visits (the paper's τ, Sec. 4.2), from T−1 down to 0.
-    "uniform", "quad": t_i = i + round((T − S)·f(i/(S−1))), i = S−1..0, f(u) = u or u² (more steps at
-    low noise, where details are made); the "i +" keeps neighbours apart, so S = T gives T−1..0.
-    "official-*": the DDIM code's grids, range(0, T, T // S) and int(linspace(0, √(0.8·T), S)²)."""
+    """The S = steps timesteps that the sampler visits (the sub-sequence τ of DDIM Sec. 4.2), from
+    T−1 down to 0. "uniform", "quad": t_i = i + round((T − S)·f(i/(S−1))) for i = S−1..0, with
+    f(u) = u or u² (more steps at low noise, where details are made); the "i +" keeps neighbours
+    apart, so S = T gives T−1..0. "official-*": the DDIM code's grids, range(0, T, T // S) and
+    int(linspace(0, √(0.8·T), S)²)."""
     if not 1 <= steps <= T:
         raise ValueError(f"need 1 <= steps <= T = {T}, got {steps}")
     if skip == "official-uniform":
         return list(range(0, T, T // steps))[::-1]
     if skip == "official-quad":
-        return (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).long().tolist()[::-1]
+        grid = torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2
+        return grid.long().tolist()[::-1]
     i = torch.arange(steps - 1, -1, -1, dtype=torch.float64)
     u = torch.linspace(1, 0, steps, dtype=torch.float64)  # i / (S−1); [1] when S = 1
     f = {"uniform": u, "quad": u**2}[skip]
     return (i + torch.round((T - steps) * f)).long().tolist()
 
 
-def guided_eps(model, sched: Schedule, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float,
-               null_label: int) -> torch.Tensor:
-    """CFG eq. 6: ε̃ = (1+w)·ε(x_t, c) − w·ε(x_t, ∅), w = guidance (0: the plain conditional model;
-    diffusers' guidance_scale is 1+w). Both predictions in one batch of 2B: [x, x] with labels [y, ∅].
-    A v-network is guided on v: ε is affine in v, and the weights 1+w and −w sum to one."""
-    if guidance == 0:  # ε̃ = ε(x_t, c): the unconditional half would be multiplied by 0
-        return sched.eps_from(model(x, t, y), x, t)
-    out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([t, t]),
-                                 torch.cat([y, torch.full_like(y, null_label)])).float().chunk(2)
-    return sched.eps_from((1 + guidance) * out_cond - guidance * out_uncond, x, t)
-
-
 @torch.inference_mode()
-def sample(model, sched: Schedule, shape: tuple[int, ...], steps: int, y: torch.Tensor, *,
-           guidance: float, null_label: int, eta: float, skip: str = "uniform",
-           generator: torch.Generator | None = None, frames: list | None = None,
-           progress: bool = False) -> torch.Tensor:
-    """ddim.py's sampler (eq. 12 on step_grid(T, steps, skip), η scaling σ), with the guided ε̃ of
-    classes y (CFG eq. 6) in place of ε_θ. x̂0 is clipped and ε re-derived. frames: see ddpm.py."""
+def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], steps: int, *, eta: float,
+           skip: str = "uniform", generator: torch.Generator | None = None,
+           x_T: torch.Tensor | None = None, clip: bool = True, callback=None) -> torch.Tensor:
+    """The generalized sampler of DDIM eq. 12, on the timesteps step_grid(T, steps, skip), from x_T
+    (drawn when not given). eps_theta(x, t) predicts ε. η scales the noise σ of DDIM eq. 16: η = 0
+    is DDIM, deterministic; η = 1 with steps = T is Algorithm 2 of DDPM with σ² = β̃. clip: x̂0
+    clipped to [−1, 1] and ε̂ re-derived, as in ddpm.py (the DDIM code does not clip; improved-
+    diffusion and diffusers do); turn it off for data outside [−1, 1]. callback(t, x, x̂0) is
+    called after each step with its result x and the x̂0 it came from."""
     device = sched.betas.device
-    x = torch.randn(shape, device=device, generator=generator)
+    x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device)
     grid = step_grid(sched.T, steps, skip)
     one = torch.ones((), device=device)
-    for i, t in enumerate(tqdm(grid, desc="sampling", disable=not progress, leave=False)):
+    for i, t in enumerate(grid):
         t_prev = grid[i + 1] if i + 1 < len(grid) else -1  # -1: x0 itself, where ᾱ = 1
         alpha_bar = sched.alpha_bar[t]
         alpha_bar_prev = sched.alpha_bar[t_prev] if t_prev >= 0 else one
-        t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        eps = guided_eps(model, sched, x, t_batch, y, guidance, null_label)
-        # eq. 12's x̂0, clipped (ours: the DDIM code does not clip; DDPM's does), ε re-derived from it
-        x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
-        eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
-        # eq. 16: σ = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev), in float32 as stored: for close steps
-        # 1 − ᾱ_t/ᾱ_prev keeps ~3 digits (~3e-5 in the samples, test_all.py measures it); clear enough
+        eps = eps_theta(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
+        x0_hat = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()  # the "predicted x0" of eq. 12
+        if clip:
+            x0_hat = x0_hat.clamp(-1, 1)
+            eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
+        # DDIM eq. 16: σ = η √((1 − ᾱ_prev) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_prev)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-        # eq. 12: x_prev = √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z  (the clamp stops rounding below 0)
+        # DDIM eq. 12: x_prev = √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z (the clamp stops rounding < 0)
         x = alpha_bar_prev.sqrt() * x0_hat + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0 and t_prev >= 0:  # σ = 0 on the last step: no noise there, as in ddpm.py
+        if eta > 0 and t_prev >= 0:  # σ = 0 at the last step: no noise there, as in DDPM
             x = x + sigma * torch.randn(x.shape, device=device, generator=generator)
-        if frames is not None and (len(grid) - 1 - i) % max(1, len(grid) // 50) == 0:
-            frames.append(x.cpu())
+        if callback is not None:
+            callback(t, x, x0_hat)
     return x
+
+
+# --- beyond the papers: what we add, each with its source
+def v_loss(model, sched: Schedule, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """v-prediction (Salimans & Ho 2022): the network learns v = √ᾱ_t ε − √(1 − ᾱ_t) x0, a folder's
+    default. Its squared error is weighted by min(SNR, 5) / (SNR + 1), SNR = ᾱ_t / (1 − ᾱ_t), the
+    min-SNR-5 weights of Hang et al. 2023, which spare the steps near t = T and near t = 0."""
+    t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    alpha_bar = at(sched.alpha_bar, t, x0)
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = snr.clamp(max=5) / (snr + 1)
+    return (weight * (model(q_sample(sched, x0, t, noise), t, y) - v) ** 2).mean()
+
+
+def eps_from_v(v_theta, sched: Schedule):
+    """A v-network as the samplers' ε-function: ε = √(1 − ᾱ_t) x_t + √ᾱ_t v (Salimans & Ho 2022)."""
+    def eps_theta(x: torch.Tensor, t: torch.Tensor, *labels) -> torch.Tensor:
+        alpha_bar = at(sched.alpha_bar, t, x)
+        return (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * v_theta(x, t, *labels)
+    return eps_theta
+
+
+def ema_warmup(step: int) -> float:
+    """update_ema's decay at a step: min(0.9999, (1 + step) / (10 + step)), the num_updates rule of
+    TensorFlow's ExponentialMovingAverage. Early weights are forgotten fast, so short runs sample well."""
+    return min(0.9999, (1 + step) / (10 + step))
 
 
 # --- data
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FOLDER_SIZE = 64  # a folder's largest default --image-size, which a laptop trains in a half hour
 
 
 def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_multiple: int = 1):
@@ -276,6 +265,38 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 # --- training run
+FOLDER_MINUTES = 30  # a folder's default length: as many epochs as half an hour of this machine trains
+MEASURE_STEPS = 50  # the steps whose speed sizes that run, after the first log row (start-up, compiling)
+LOG_EVERY = 10  # steps between the rows of log.csv; each row waits for the device
+CKPT_EVERY = 500  # the most steps between checkpoints (and one each epoch)
+GRID_SHARE = 0.1  # the largest share of the run's time that the sample grids may take
+MAX_BAD_STEPS = 20  # a run stops after this many NaN or inf steps in a row
+
+
+def train_step(model, ema: UNet, optimizer, scaler, loss_of, step: int, lr: float,
+               precision: str) -> tuple[torch.Tensor, bool]:
+    """Algorithm 1's gradient step on the loss that loss_of() computes, with the official code's
+    gradient clip (norm 1), autocast to precision, float16's loss scaling and the EMA. Returns the
+    loss, and False for a NaN or inf step, which changes no weight. A float16 overflow of a finite
+    loss is not such a step: the loss scaler skips it and halves its scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, getattr(torch, precision), enabled=precision != "float32"):
+        loss = loss_of()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # float16: the loss scaled up, so that small gradients stay above 0
+    scaler.unscale_(optimizer)  # the true gradients again, for the clip (without float16: nothing to do)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
+        scaler.update()  # float16: the scale was too large and halves
+        return loss.detach(), scaler.is_enabled() and bool(torch.isfinite(loss))
+    scaler.step(optimizer)
+    scaler.update()
+    update_ema(ema, model, decay=ema_warmup(step))
+    return loss.detach(), True
+
+
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
     """train_step for --epochs; rank 0 writes ckpt.pt, log.csv and the grids."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
@@ -284,7 +305,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                 num_classes=len(class_names))  # the U-Net adds ∅ as label num_classes
     config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps, prediction=args.prediction,
                   dataset=args.dataset, classes=class_names)
-    sched = Schedule(args.timesteps, args.schedule, device, args.prediction)
+    sched = Schedule(args.timesteps, args.schedule, device)
+    loss_fn = v_loss if args.prediction == "v" else diffusion_loss
     model, ema, optimizer, scaler, run = build_run(config, ckpt_path, args, device)
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
@@ -306,8 +328,9 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise: the same again on resume
         x0 = to_model_range(images[batch.to(device)], args.flip)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
-        y = drop_labels(labels[batch.to(device)], args.p_uncond, len(class_names))  # train_step stays DDPM's
-        loss, finite = train_step(train_model, ema, optimizer, scaler, sched, x0, y, step, lr, args.precision)
+        y = drop_labels(labels[batch.to(device)], args.p_uncond, len(class_names))
+        loss, finite = train_step(train_model, ema, optimizer, scaler,
+                                  lambda: loss_fn(train_model, sched, x0, y), step, lr, args.precision)
         step = run["step"] = step + 1
         bar.update(1)
         run["skipped"] += not finite
@@ -459,6 +482,26 @@ def open_log(path: Path, step: int):
     return log
 
 
+def network_eps(network, sched: Schedule, prediction: str):
+    """The network as the samplers' ε_θ(x, t[, y]), in float32 (under autocast it gives bfloat16)."""
+    if prediction == "v":
+        return eps_from_v(network, sched)
+    return lambda x, t, *labels: network(x, t, *labels).float()
+
+
+def sampling_callback(steps: int, frames: list | None):
+    """A sampler's callback: a progress bar over its steps, and x_t 50 times into frames (a GIF)."""
+    bar = tqdm(total=steps, desc="sampling", leave=False)
+
+    def callback(t: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
+        bar.update(1)
+        if frames is not None and (steps - bar.n) % max(1, steps // 50) == 0:
+            frames.append(x[:16].cpu())
+        if bar.n == steps:
+            bar.close()
+    return callback
+
+
 def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path | None, gif_path: Path | None = None,
                  y: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
     """n samples of classes y (default grid_labels) guided with w, the same noise each call, as [0, 1]
@@ -466,6 +509,7 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path | None, gi
     y = grid_labels(n, ema.num_classes, args.class_label) if y is None else y
     guidance = args.guidance if guidance is None else guidance
     device = sched.betas.device
+    eps_theta = network_eps(ema, sched, args.prediction)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = []
     frames = [] if gif_path else None
@@ -473,16 +517,17 @@ def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path | None, gi
         y_batch = y[start:start + args.batch_size].to(device)
         shape = (len(y_batch), ema.conv_in.in_channels, ema.image_size, ema.image_size)
         with torch.autocast(device.type, getattr(torch, args.precision), enabled=args.precision != "float32"):
-            x = sample(ema, sched, shape, args.sample_steps, y_batch, guidance=guidance,
-                       null_label=ema.num_classes, eta=args.eta, skip=args.skip, generator=generator,
-                       frames=frames if start == 0 else None, progress=True)
+            guided = lambda x, t: guided_eps(eps_theta, x, t, y_batch, guidance, ema.num_classes)
+            x = sample(guided, sched, shape, args.sample_steps, eta=args.eta, skip=args.skip,
+                       generator=generator,
+                       callback=sampling_callback(args.sample_steps, frames if start == 0 else None))
         images.append((x.float().cpu() + 1) / 2)
     images = torch.cat(images)
     width = ema.num_classes if args.class_label is None else math.ceil(math.sqrt(min(256, len(y))))
     if path:  # a column per class, or a square of one class
         save_image(images[:256], path, nrow=width)
     if gif_path:  # 50 frames, the last one held
-        pictures = [to_pil_image(make_grid(frame[:16].clamp(-1, 1) / 2 + 0.5, nrow=4)) for frame in frames]
+        pictures = [to_pil_image(make_grid(frame.clamp(-1, 1) / 2 + 0.5, nrow=4)) for frame in frames]
         durations = [60] * (len(pictures) - 1) + [2000]
         pictures[0].save(gif_path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
     return images
@@ -526,8 +571,8 @@ def sample_only(args, device: torch.device) -> None:
                          f"guided sampling needs one trained by cfg.py")
     class_names = ckpt["config"].get("classes") or [str(i) for i in range(ema.num_classes)]
     args.class_label = class_index(args.class_label, class_names)  # --class NAME: its index, now known
-    sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device,
-                     ckpt["config"].get("prediction", "eps"))  # older checkpoints: ε
+    sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device)
+    args.prediction = ckpt["config"].get("prediction", "eps")  # older checkpoints: ε
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.sample_steps = checked_sample_steps(args.sample_steps, sched.T)
@@ -580,6 +625,24 @@ def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class:
 
 
 # --- command line
+# Defaults per dataset, which flags override: a network sized for a CPU at 28×28, the paper's
+# CIFAR-10 setup, and our choices for a folder of images (docs/own-images.md measures them).
+DATASET_DEFAULTS = {
+    "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
+    "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
+    "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000, flip=True),
+    "folder": dict(preset="small48", lr=1e-3, flip=True, batch_size=32, prediction="v",
+                   schedule="cosine"),
+}
+
+
+def checked_sample_steps(steps: int | None, T: int) -> int:
+    """--sample-steps, default 50, against the model's T."""
+    if steps is not None and steps > T:
+        raise SystemExit(f"error: --sample-steps {steps} is more than the model's T = {T} timesteps")
+    return steps or min(50, T)
+
+
 def checked_sample_steps(steps: int | None, T: int) -> int:
     """--sample-steps, default 50, against the model's T."""
     if steps is not None and steps > T:

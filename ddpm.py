@@ -2,7 +2,7 @@
 
 Destroy an image x0 with T small steps of Gaussian noise, train a network ε_θ(x_t, t) to predict the
 noise (L_simple), then sample by undoing the steps from pure noise (Algorithm 2). Equations are the
-paper's; code's t = 0..T-1 is its 1..T.
+paper's; the code's t = 0..T-1 is the paper's t = 1..T.
 
     python ddpm.py                      # MNIST (downloads it); writes runs/ddpm/
     python ddpm.py --dataset fashion    # Fashion-MNIST (Debian's copy when offline)
@@ -36,128 +36,118 @@ from tqdm import tqdm
 
 from unet import PRESETS, UNet
 
-# Per dataset (flags override): a CPU-sized net for 28×28, the paper's CIFAR-10 setup, ours for folders.
-DATASET_DEFAULTS = {
-    "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
-    "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
-    "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000, flip=True),
-    "folder": dict(preset="small48", lr=1e-3, flip=True, batch_size=32, prediction="v", schedule="cosine"),
-}
-FOLDER_MINUTES = 30  # a folder's default length: training sized to half an hour of this machine
-MEASURE_STEPS = 50  # steps whose speed sizes it, after the first log row (start-up, compiling)
-FOLDER_SIZE = 64    # a folder's largest default --image-size: a laptop's
-LOG_EVERY = 10      # steps between rows of log.csv (each one waits for the device)
-CKPT_EVERY = 500    # most steps between checkpoints (or each epoch); grids: every max(1, 500 // that) epochs
-GRID_SHARE = 0.1    # most of the run's time that the sample grids may take
-MAX_BAD_STEPS = 20  # stop after this many NaN/inf steps in a row
-
 
 # --- noise schedule
 class Schedule:
-    """β_t and what follows, t = 0..T-1: float64 math, float32 tensors the EMA never sees. prediction:
-    the network's output, the paper's ε or (ours, folders) v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho)."""
+    """The noise schedule: β_t, α_t = 1 − β_t and ᾱ_t = α_1·…·α_t, for the code's t = 0..T-1.
+    Computed in float64, stored as float32 tensors; they belong to no network, so no EMA sees them."""
 
-    def __init__(self, T: int = 1000, kind: str = "linear", device="cpu", prediction: str = "eps"):
-        if kind == "linear":  # Sec. 4: β from 1e-4 to 0.02
+    def __init__(self, T: int = 1000, kind: str = "linear", device="cpu"):
+        if kind == "linear":  # Sec. 4: β rises linearly from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-        elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17 with s = 0.008: ᾱ follows a squared cosine
-            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip: no β = 1 at t = T
+        elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t) / f(0)
+            s = 0.008  # their offset, which keeps β small near t = 0
+            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip, so that β < 1 near t = T
         else:
             raise ValueError(f"unknown schedule {kind!r}")
         alphas = 1 - betas
-        alpha_bar = torch.cumprod(alphas, dim=0)                        # ᾱ_t = Π_{s≤t} α_s
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])  # ᾱ before t = 0: 1
+        alpha_bar = torch.cumprod(alphas, dim=0)
         self.T = T
-        self.prediction = prediction
-        self.betas, self.alphas, self.alpha_bar, self.alpha_bar_prev = (
-            v.float().to(device) for v in (betas, alphas, alpha_bar, alpha_bar_prev))
-
-    def eps_from(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε from the network's output at (x_t, t): the output itself, or ε = √(1−ᾱ_t) x_t + √ᾱ_t v."""
-        if self.prediction == "eps":
-            return output.float()
-        alpha_bar = self.alpha_bar[t][:, None, None, None]  # v-prediction: ours
-        return (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * output.float()
+        self.betas = betas.float().to(device)
+        self.alphas = alphas.float().to(device)
+        self.alpha_bar = alpha_bar.float().to(device)
 
 
-# --- forward process, loss
+def at(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """values[t] for a batch of timesteps t, shaped (B, 1, …, 1) to scale a (B, …) tensor like x."""
+    return values[t].reshape(-1, *[1] * (x.ndim - 1))
+
+
+# --- forward process and loss
 def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x_t ~ q(x_t | x0) = N(√ᾱ_t x0, (1−ᾱ_t) I), eq. 4, reparameterised with the given noise."""
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # (B, 1, 1, 1); each function reads as its equation
+    """q(x_t | x0) = N(√ᾱ_t x0, (1 − ᾱ_t) I), eq. 4, drawn as x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε."""
+    alpha_bar = at(sched.alpha_bar, t, x0)
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
 def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
-    """L_simple, eq. 14: ‖ε − ε_θ(x_t, t)‖², t uniform in 0..T-1; for v, min-SNR-5 weights (Hang et al.)."""
+    """L_simple, eq. 14: ‖ε − ε_θ(√ᾱ_t x0 + √(1 − ᾱ_t) ε, t)‖² with t uniform and ε ~ N(0, I).
+    Algorithm 1 repeats a gradient step on this loss (train_step, in the plumbing below)."""
     t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
-    output = model(q_sample(sched, x0, t, noise), t).float()
-    if sched.prediction == "eps":
-        return F.mse_loss(output, noise)
-    alpha_bar = sched.alpha_bar[t][:, None, None, None]  # v-prediction: ours
-    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
-    snr = alpha_bar / (1 - alpha_bar)  # of x_t; min(SNR, 5) / (SNR + 1) spares t near T and near 0
-    return (snr.clamp(max=5) / (snr + 1) * (output - v) ** 2).mean()
+    return F.mse_loss(model(q_sample(sched, x0, t, noise), t), noise)
 
 
-# --- Algorithm 1: training
-def update_ema(ema: UNet, model, step: int) -> None:
-    """θ_ema ← d·θ_ema + (1 − d)·θ, d = min(0.9999, (1+step)/(10+step)): the weights only."""
-    decay = min(0.9999, (1 + step) / (10 + step))  # the paper's 0.9999; the warm-up (ours): short runs
+def update_ema(ema, model, *, decay: float = 0.9999) -> None:
+    """The exponential moving average of the weights that samples (Appendix B, decay 0.9999):
+    θ_ema ← decay·θ_ema + (1 − decay)·θ."""
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
 
 
-def train_step(model, ema: UNet, optimizer, scaler, sched: Schedule, x0: torch.Tensor, step: int, lr: float,
-               precision: str) -> tuple[torch.Tensor, bool]:
-    """Algorithm 1, once: L_simple, a clipped AdamW step, the EMA. Returns the loss and False for a NaN or
-    inf step, which changes no weight (ours); a float16 overflow of a finite loss is no such step: the
-    loss scaler skips it and halves its scale."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with torch.autocast(x0.device.type, getattr(torch, precision), enabled=precision != "float32"):
-        loss = diffusion_loss(model, sched, x0)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # float16: the loss scaled up, so that small gradients stay above 0
-    scaler.unscale_(optimizer)  # the true gradients again, for the clip (without float16: nothing to do)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
-        scaler.update()  # float16: the scale was too large and halves
-        return loss.detach(), scaler.is_enabled() and bool(torch.isfinite(loss))
-    scaler.step(optimizer)
-    scaler.update()
-    update_ema(ema, model, step)
-    return loss.detach(), True
-
-
 # --- Algorithm 2: sampling
 @torch.inference_mode()
-def sample(model, sched: Schedule, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
-           frames: list | None = None, progress: bool = False) -> torch.Tensor:
-    """Algorithm 2: x_T ~ N(0, I), then x_{t-1} ~ p_θ(x_{t-1} | x_t) down to x0. The mean is μ̃_t(x_t, x̂0)
-    of eq. 7 with x̂0 clipped: Algorithm 2's, with ε re-derived. frames: gets x_t 50 times (a GIF)."""
+def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], *,
+           generator: torch.Generator | None = None, clip: bool = True, callback=None) -> torch.Tensor:
+    """Algorithm 2: x_T ~ N(0, I), then for t = T, …, 1
+    x_{t−1} = (x_t − β_t / √(1 − ᾱ_t) · ε_θ(x_t, t)) / √α_t + σ_t z, with σ_t² = β_t and no z at t = 1.
+    eps_theta(x, t) predicts ε: the network, or any function of (x, t). clip: the official code clips
+    x̂0 to [−1, 1], the range of images; turn it off for data outside it. callback(t, x, x̂0) is
+    called after each step with its result x and the x̂0 it came from."""
     device = sched.betas.device
     x = torch.randn(shape, device=device, generator=generator)
-    for t in tqdm(range(sched.T - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
-        t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        eps = sched.eps_from(model(x, t_batch), x, t_batch)
-        alpha_bar, alpha_bar_prev = sched.alpha_bar[t], sched.alpha_bar_prev[t]
-        x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)  # eq. 15, official clip
-        x = (alpha_bar_prev.sqrt() * sched.betas[t] / (1 - alpha_bar) * x0_hat        # eq. 7: μ̃_t
-             + sched.alphas[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * x)
-        if t > 0:  # x_{t-1} = μ̃_t + σ_t z, σ_t² = β_t (β̃_t, as good in the paper: ddim.py's η = 1, S = T)
-            x = x + sched.betas[t].sqrt() * torch.randn(shape, device=device, generator=generator)
-        if frames is not None and (t % max(1, sched.T // 50) == 0):
-            frames.append(x.cpu())
+    for t in range(sched.T - 1, -1, -1):
+        alpha, alpha_bar, beta = sched.alphas[t], sched.alpha_bar[t], sched.betas[t]
+        eps = eps_theta(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+        x0_hat = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()  # eq. 15
+        if clip:  # the official code's clip of x̂0 to [−1, 1], and ε̂ re-derived from the clipped x̂0
+            x0_hat = x0_hat.clamp(-1, 1)
+            eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
+        # Algorithm 2, line 4. It equals eq. 7's posterior mean μ̃_t(x_t, x̂0), which the official
+        # code computes instead (test_all.py checks that in float64).
+        x = (x - beta / (1 - alpha_bar).sqrt() * eps) / alpha.sqrt()
+        if t > 0:
+            x = x + beta.sqrt() * torch.randn(shape, device=device, generator=generator)  # σ_t z
+        if callback is not None:
+            callback(t, x, x0_hat)
     return x
+
+
+# --- beyond the papers: what we add, each with its source
+def v_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
+    """v-prediction (Salimans & Ho 2022): the network learns v = √ᾱ_t ε − √(1 − ᾱ_t) x0, a folder's
+    default. Its squared error is weighted by min(SNR, 5) / (SNR + 1), SNR = ᾱ_t / (1 − ᾱ_t), the
+    min-SNR-5 weights of Hang et al. 2023, which spare the steps near t = T and near t = 0."""
+    t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    alpha_bar = at(sched.alpha_bar, t, x0)
+    v = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = snr.clamp(max=5) / (snr + 1)
+    return (weight * (model(q_sample(sched, x0, t, noise), t) - v) ** 2).mean()
+
+
+def eps_from_v(v_theta, sched: Schedule):
+    """A v-network as the samplers' ε-function: ε = √(1 − ᾱ_t) x_t + √ᾱ_t v (Salimans & Ho 2022)."""
+    def eps_theta(x: torch.Tensor, t: torch.Tensor, *labels) -> torch.Tensor:
+        alpha_bar = at(sched.alpha_bar, t, x)
+        return (1 - alpha_bar).sqrt() * x + alpha_bar.sqrt() * v_theta(x, t, *labels)
+    return eps_theta
+
+
+def ema_warmup(step: int) -> float:
+    """update_ema's decay at a step: min(0.9999, (1 + step) / (10 + step)), the num_updates rule of
+    TensorFlow's ExponentialMovingAverage. Early weights are forgotten fast, so short runs sample well."""
+    return min(0.9999, (1 + step) / (10 + step))
 
 
 # --- data
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FOLDER_SIZE = 64  # a folder's largest default --image-size, which a laptop trains in a half hour
 
 
 def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_multiple: int = 1):
@@ -223,6 +213,38 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 # --- training run
+FOLDER_MINUTES = 30  # a folder's default length: as many epochs as half an hour of this machine trains
+MEASURE_STEPS = 50  # the steps whose speed sizes that run, after the first log row (start-up, compiling)
+LOG_EVERY = 10  # steps between the rows of log.csv; each row waits for the device
+CKPT_EVERY = 500  # the most steps between checkpoints (and one each epoch)
+GRID_SHARE = 0.1  # the largest share of the run's time that the sample grids may take
+MAX_BAD_STEPS = 20  # a run stops after this many NaN or inf steps in a row
+
+
+def train_step(model, ema: UNet, optimizer, scaler, loss_of, step: int, lr: float,
+               precision: str) -> tuple[torch.Tensor, bool]:
+    """Algorithm 1's gradient step on the loss that loss_of() computes, with the official code's
+    gradient clip (norm 1), autocast to precision, float16's loss scaling and the EMA. Returns the
+    loss, and False for a NaN or inf step, which changes no weight. A float16 overflow of a finite
+    loss is not such a step: the loss scaler skips it and halves its scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, getattr(torch, precision), enabled=precision != "float32"):
+        loss = loss_of()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # float16: the loss scaled up, so that small gradients stay above 0
+    scaler.unscale_(optimizer)  # the true gradients again, for the clip (without float16: nothing to do)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
+        scaler.update()  # float16: the scale was too large and halves
+        return loss.detach(), scaler.is_enabled() and bool(torch.isfinite(loss))
+    scaler.step(optimizer)
+    scaler.update()
+    update_ema(ema, model, decay=ema_warmup(step))
+    return loss.detach(), True
+
+
 def train(args, device: torch.device, rank: int, world_size: int) -> None:
     """train_step for --epochs; rank 0 writes ckpt.pt, log.csv and the grids."""
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
@@ -230,7 +252,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset])
     config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps, prediction=args.prediction,
                   dataset=args.dataset)
-    sched = Schedule(args.timesteps, args.schedule, device, args.prediction)
+    sched = Schedule(args.timesteps, args.schedule, device)
+    loss_fn = v_loss if args.prediction == "v" else diffusion_loss
     model, ema, optimizer, scaler, run = build_run(config, ckpt_path, args, device)
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
@@ -252,7 +275,8 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise: the same again on resume
         x0 = to_model_range(images[batch.to(device)], args.flip)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
-        loss, finite = train_step(train_model, ema, optimizer, scaler, sched, x0, step, lr, args.precision)
+        loss, finite = train_step(train_model, ema, optimizer, scaler,
+                                  lambda: loss_fn(train_model, sched, x0), step, lr, args.precision)
         step = run["step"] = step + 1
         bar.update(1)
         run["skipped"] += not finite
@@ -395,23 +419,44 @@ def open_log(path: Path, step: int):
     return log
 
 
+def network_eps(network, sched: Schedule, prediction: str):
+    """The network as the samplers' ε_θ(x, t[, y]), in float32 (under autocast it gives bfloat16)."""
+    if prediction == "v":
+        return eps_from_v(network, sched)
+    return lambda x, t, *labels: network(x, t, *labels).float()
+
+
+def sampling_callback(steps: int, frames: list | None):
+    """A sampler's callback: a progress bar over its steps, and x_t 50 times into frames (a GIF)."""
+    bar = tqdm(total=steps, desc="sampling", leave=False)
+
+    def callback(t: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
+        bar.update(1)
+        if frames is not None and (steps - bar.n) % max(1, steps // 50) == 0:
+            frames.append(x[:16].cpu())
+        if bar.n == steps:
+            bar.close()
+    return callback
+
+
 def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
                  gif_path: Path | None = None) -> torch.Tensor:
     """n samples, the same noise each call, in [0, 1] on the CPU; writes their grid (and a GIF of 16)."""
     device = sched.betas.device
+    eps_theta = network_eps(ema, sched, args.prediction)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = []
     frames = [] if gif_path else None
     for start in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size):
         shape = (min(args.batch_size, n - start), ema.conv_in.in_channels, ema.image_size, ema.image_size)
         with torch.autocast(device.type, getattr(torch, args.precision), enabled=args.precision != "float32"):
-            x = sample(ema, sched, shape, generator=generator, frames=frames if start == 0 else None,
-                       progress=True)
+            x = sample(eps_theta, sched, shape, generator=generator,
+                       callback=sampling_callback(sched.T, frames if start == 0 else None))
         images.append((x.float().cpu() + 1) / 2)
     images = torch.cat(images)
     save_image(images[:256], path, nrow=math.ceil(math.sqrt(min(256, n))))
     if gif_path:  # 50 frames, the last one held
-        pictures = [to_pil_image(make_grid(frame[:16].clamp(-1, 1) / 2 + 0.5, nrow=4)) for frame in frames]
+        pictures = [to_pil_image(make_grid(frame.clamp(-1, 1) / 2 + 0.5, nrow=4)) for frame in frames]
         durations = [60] * (len(pictures) - 1) + [2000]
         pictures[0].save(gif_path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
     return images
@@ -449,8 +494,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 
 def sample_only(args, device: torch.device) -> None:
     ema, ckpt = load_checkpoint(args.ckpt, device)
-    sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device,
-                     ckpt["config"].get("prediction", "eps"))  # older checkpoints: ε
+    sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device)
+    args.prediction = ckpt["config"].get("prediction", "eps")  # older checkpoints: ε
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = save_samples(ema, sched, args.n_samples, args, out / "samples.png")
@@ -462,6 +507,17 @@ def sample_only(args, device: torch.device) -> None:
 
 
 # --- command line
+# Defaults per dataset, which flags override: a network sized for a CPU at 28×28, the paper's
+# CIFAR-10 setup, and our choices for a folder of images (docs/own-images.md measures them).
+DATASET_DEFAULTS = {
+    "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
+    "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
+    "cifar10": dict(preset="ddpm_cifar10", epochs=2000, lr=2e-4, warmup=5000, flip=True),
+    "folder": dict(preset="small48", lr=1e-3, flip=True, batch_size=32, prediction="v",
+                   schedule="cosine"),
+}
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

@@ -169,29 +169,31 @@ def test_a_v_prediction_network_samples_as_its_eps_network(script, schedule):
     """--prediction v: each sampler turns the network's v back into ε. Given the exact v of the exact ε
     (the closed-form predictor for N(mu, s²)), it must draw the same samples, noise for noise."""
     module = {"ddpm": ddpm, "ddim": ddim, "cfg": cfg}[script]
-    sched, sched_v = module.Schedule(1000, schedule), module.Schedule(1000, schedule, prediction="v")
+    sched = module.Schedule(1000, schedule)
     model = gaussian_eps(sched, 0.3, 0.2)
-    v_model = as_v_model(sched, model)
+    v_as_eps = module.eps_from_v(as_v_model(sched, model), sched)
     shape, y = (256, 1, 4, 4), torch.zeros(256, dtype=torch.long)
 
-    def draw(model, sched):
+    def draw(eps_theta):
         generator = torch.Generator().manual_seed(3)
         if script == "ddpm":
-            return ddpm.sample(model, sched, shape, generator=generator)
+            return ddpm.sample(eps_theta, sched, shape, generator=generator)
         if script == "ddim":
-            return ddim.invert(model, sched, ddim.sample(model, sched, shape, 50, eta=1.0, generator=generator), 50)
-        return cfg.sample(model, sched, shape, 50, y, guidance=3.0, null_label=1, eta=1.0, generator=generator)
+            x = ddim.sample(eps_theta, sched, shape, 50, eta=1.0, generator=generator)
+            return ddim.invert(eps_theta, sched, x, 50)
+        guided = lambda x, t: cfg.guided_eps(eps_theta, x, t, y, 3.0, 1)  # noqa: E731
+        return cfg.sample(guided, sched, shape, 50, eta=1.0, generator=generator)
 
-    torch.testing.assert_close(draw(v_model, sched_v), draw(model, sched), atol=2e-4, rtol=0)
+    torch.testing.assert_close(draw(v_as_eps), draw(model), atol=2e-4, rtol=0)
 
 
 def test_the_v_loss_is_the_min_snr_weighted_mse_of_v():
-    """diffusion_loss with prediction v: min(SNR, 5)/(SNR + 1)·‖v − v_θ‖², v = √ᾱ_t ε − √(1−ᾱ_t) x0,
-    SNR = ᾱ_t/(1−ᾱ_t) (Hang et al. 2023's min-SNR-γ for v), on the same draws of t and ε."""
-    sched_v = ddpm.Schedule(100, "linear", prediction="v")
+    """v_loss: min(SNR, 5)/(SNR + 1)·‖v − v_θ‖², v = √ᾱ_t ε − √(1−ᾱ_t) x0, SNR = ᾱ_t/(1−ᾱ_t)
+    (Hang et al. 2023's min-SNR-γ for v), on the same draws of t and ε."""
+    sched_v = ddpm.Schedule(100, "linear")
     x0 = torch.rand(64, 1, 4, 4) * 2 - 1
     torch.manual_seed(5)
-    loss = ddpm.diffusion_loss(lambda x, t: torch.zeros_like(x), sched_v, x0)
+    loss = ddpm.v_loss(lambda x, t: torch.zeros_like(x), sched_v, x0)
     torch.manual_seed(5)
     t = torch.randint(0, 100, (64,))
     noise = torch.randn_like(x0)
@@ -203,14 +205,20 @@ def test_the_v_loss_is_the_min_snr_weighted_mse_of_v():
     assert weight.max() < 0.84  # so the plain ‖v − v_θ‖² would fail the check above
 
 
-def test_sampler_records_frames_and_adds_no_noise_at_the_end():
+def test_sampler_calls_back_each_step_and_adds_no_noise_at_the_end():
+    """callback(t, x, x̂0) after each step, t = T-1..0; the last step returns its x̂0, with no noise.
+    The plumbing's callback keeps 50 of the x as GIF frames, the last one the sample."""
     sched = ddpm.Schedule(100, "linear")
     model = gaussian_eps(sched, 0.0, 0.5)
+    calls = []
+    a = ddpm.sample(model, sched, (8, 1, 4, 4), generator=torch.Generator().manual_seed(1),
+                    callback=lambda t, x, x0_hat: calls.append((t, x.clone(), x0_hat.clone())))
+    assert [t for t, _, _ in calls] == list(range(99, -1, -1)) and torch.equal(calls[-1][1], a)
+    torch.testing.assert_close(calls[-1][2], a, atol=1e-5, rtol=0)
     frames = []
-    a = ddpm.sample(model, sched, (8, 1, 4, 4), generator=torch.Generator().manual_seed(1), frames=frames)
-    assert len(frames) == 50 and torch.equal(frames[-1], a)
-    b = ddpm.sample(model, sched, (8, 1, 4, 4), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
+    b = ddpm.sample(model, sched, (8, 1, 4, 4), generator=torch.Generator().manual_seed(1),
+                    callback=ddpm.sampling_callback(sched.T, frames))
+    assert len(frames) == 50 and torch.equal(frames[-1], a) and torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -259,7 +267,8 @@ def test_short_training_lowers_the_loss():
     torch.manual_seed(1)
     first = sum(ddpm.diffusion_loss(model, sched, x0).item() for _ in range(8)) / 8
     for step in range(40):
-        assert ddpm.train_step(model, ema, optimizer, FLOAT32, sched, x0, step, 1e-3, "float32")[1]
+        loss_of = lambda: ddpm.diffusion_loss(model, sched, x0)  # noqa: E731
+        assert ddpm.train_step(model, ema, optimizer, FLOAT32, loss_of, step, 1e-3, "float32")[1]
     last = sum(ddpm.diffusion_loss(model, sched, x0).item() for _ in range(8)) / 8
     assert last < 0.25 * first  # here: 0.99 → 0.09
 
@@ -399,15 +408,19 @@ def float64_linear_schedule(T: int) -> ddpm.Schedule:
     sched = ddpm.Schedule(T, "linear")
     betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     sched.betas, sched.alphas, sched.alpha_bar = betas, 1 - betas, torch.cumprod(1 - betas, 0)
-    sched.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), sched.alpha_bar[:-1]])
     return sched
+
+
+def alpha_bar_before(sched, t: int) -> torch.Tensor:
+    """ᾱ_{t−1}, with ᾱ = 1 before the first step."""
+    return sched.alpha_bar[t - 1] if t > 0 else torch.ones((), dtype=sched.alpha_bar.dtype)
 
 
 def ancestral_with_posterior_variance(model, sched, shape, generator):
     """Algorithm 2 with σ_t² = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t), written out here as a reference."""
     x = torch.randn(shape, generator=generator)
     for t in range(sched.T - 1, -1, -1):
-        beta, alpha_bar, alpha_bar_prev = sched.betas[t], sched.alpha_bar[t], sched.alpha_bar_prev[t]
+        beta, alpha_bar, alpha_bar_prev = sched.betas[t], sched.alpha_bar[t], alpha_bar_before(sched, t)
         eps = model(x, torch.full((shape[0],), t)).float()
         x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
         x = (alpha_bar_prev.sqrt() * beta * x0_hat + (1 - beta).sqrt() * (1 - alpha_bar_prev) * x) / (1 - alpha_bar)
@@ -440,6 +453,34 @@ def test_all_steps_with_eta_1_is_ddpm_with_posterior_variance():
     torch.testing.assert_close(a, b, atol=1e-8, rtol=0)
 
 
+def test_algorithm_2_is_the_posterior_mean_of_the_clipped_x0_hat():
+    """With x̂0 clipped and ε̂ re-derived, Algorithm 2's step is eq. 7's μ̃_t(x_t, x̂0) + σ_t z, the
+    official code's form: in float64, for random x_t and random ε̂ (large, so that the clip acts)."""
+    shape = (64, 1, 2, 2)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        sched = float64_linear_schedule(1000)
+        eps_draws = torch.Generator().manual_seed(1)
+        noise = torch.Generator().manual_seed(0)  # replays the sampler's draws: x_T, then each z
+        x_t, errors, clipped = [torch.randn(shape, generator=noise)], [], []
+
+        def check(t, x, x0_hat):
+            alpha_bar, alpha_bar_prev, beta = sched.alpha_bar[t], alpha_bar_before(sched, t), sched.betas[t]
+            mean = (alpha_bar_prev.sqrt() * beta * x0_hat
+                    + sched.alphas[t].sqrt() * (1 - alpha_bar_prev) * x_t[-1]) / (1 - alpha_bar)  # eq. 7
+            z = torch.randn(shape, generator=noise) if t > 0 else 0
+            errors.append((x - beta.sqrt() * z - mean).abs().max().item())
+            clipped.append((x0_hat.abs() == 1).float().mean().item())
+            x_t.append(x)
+        ddpm.sample(lambda x, t: 3 * torch.randn(shape, generator=eps_draws), sched, shape,
+                    generator=torch.Generator().manual_seed(0), callback=check)
+    finally:
+        torch.set_default_dtype(default)
+    assert len(errors) == 1000 and max(errors) < 1e-12
+    assert 0.2 < sum(clipped) / len(clipped) < 0.9  # the clip acts on many of the x̂0, not all
+
+
 def test_eta_0_is_deterministic_given_x_T():
     sched = ddpm.Schedule(100, "linear")
     model = gaussian_eps(sched, 0.3, 0.2)
@@ -448,7 +489,7 @@ def test_eta_0_is_deterministic_given_x_T():
     b = ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     frames = []
-    ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, frames=frames)
+    ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, callback=ddim.sampling_callback(10, frames))
     assert len(frames) == 10 and torch.equal(frames[-1], a)
 
 
@@ -556,6 +597,11 @@ def mixture_eps(sched, means: tuple[float, ...], s: float):
     return model
 
 
+def guided(model, y: torch.Tensor, w: float):
+    """The ε-function that cfg.sample takes: CFG eq. 6 for labels y, guided with w."""
+    return lambda x, t: cfg.guided_eps(model, x, t, y, w, NULL)
+
+
 def tilted_eps(sched, c: int, w: float):
     """What guidance should give, from densities alone: ε̃ = −√(1−ᾱ_t) ∇_x log p̃_t(x), with
     p̃_t ∝ p_t(x | c)^{1+w} p_t(x)^{−w} (CFG Sec. 3.2), the gradient taken by autograd (float64)."""
@@ -588,8 +634,8 @@ def test_guided_eps_is_the_tilted_score(sched):
         torch.testing.assert_close(mixture.double(), tilted_eps(sched, 0, -1.0)(x, t), **close)
         for c in (0, 1):
             for w in (0.0, 0.5, 2.0):
-                guided = cfg.guided_eps(model, sched, x, t, torch.full_like(t, c), w, NULL)
-                torch.testing.assert_close(guided.double(), tilted_eps(sched, c, w)(x, t), **close)
+                eps_tilde = cfg.guided_eps(model, x, t, torch.full_like(t, c), w, NULL)
+                torch.testing.assert_close(eps_tilde.double(), tilted_eps(sched, c, w)(x, t), **close)
 
 
 # ----------------------------------------------------------------------------- samplers, exactly
@@ -597,8 +643,8 @@ def test_guided_eps_is_the_tilted_score(sched):
 def two_class_samples(sched, w: float, steps: int, eta: float) -> list[torch.Tensor]:
     """2000 × 16 values per class from cfg.sample with the exact mixture model, guided with w."""
     y = torch.arange(4000) % 2
-    x = cfg.sample(mixture_eps(sched, MEANS, S), sched, (4000, 1, 4, 4), steps, y, guidance=w,
-                   null_label=NULL, eta=eta, generator=torch.Generator().manual_seed(0))
+    x = cfg.sample(guided(mixture_eps(sched, MEANS, S), y, w), sched, (4000, 1, 4, 4), steps, eta=eta,
+                   generator=torch.Generator().manual_seed(0))
     return [x[y == c] for c in (0, 1)]
 
 
@@ -706,7 +752,8 @@ def test_guidance_is_one_forward_pass_of_2b_per_step(steps, eta):
         return exact(x, t, y)
 
     y, frames = torch.tensor([0, 1, 1]), []
-    x = cfg.sample(model, sched, (3, 1, 2, 2), steps, y, guidance=2.0, null_label=NULL, eta=eta, frames=frames)
+    x = cfg.sample(guided(model, y, 2.0), sched, (3, 1, 2, 2), steps, eta=eta,
+                   callback=cfg.sampling_callback(steps, frames))
     timesteps = [t for _, t, _ in calls]
     assert len(calls) == steps  # exactly one model call per step
     assert len(frames) == len(calls) and torch.equal(frames[-1], x)  # under 50 steps: a frame each
@@ -714,7 +761,7 @@ def test_guidance_is_one_forward_pass_of_2b_per_step(steps, eta):
     # The grid starts at T−1, ends at t = 0 and never repeats a timestep.
     assert timesteps[0] == sched.T - 1 and timesteps[-1] == 0 and timesteps == sorted(set(timesteps))[::-1]
     calls.clear()  # w = 0 needs the conditional half only
-    cfg.sample(model, sched, (3, 1, 2, 2), steps, y, guidance=0.0, null_label=NULL, eta=eta)
+    cfg.sample(guided(model, y, 0.0), sched, (3, 1, 2, 2), steps, eta=eta)
     assert all(n == 3 and labels == [0, 1, 1] for n, _, labels in calls)
 
 
@@ -888,10 +935,11 @@ def test_a_non_finite_step_changes_nothing():
     ema = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x0 = torch.randn(4, 1, 8, 8)
-    assert ddpm.train_step(model, ema, optimizer, FLOAT32, sched, x0, 0, 1e-3, "float32")[1]
+    loss_of = lambda: ddpm.diffusion_loss(model, sched, x0)  # noqa: E731
+    assert ddpm.train_step(model, ema, optimizer, FLOAT32, loss_of, 0, 1e-3, "float32")[1]
     before = [copy.deepcopy(m.state_dict()) for m in (model, ema)] + [copy.deepcopy(optimizer.state_dict())]
     x0[0, 0, 0, 0] = float("nan")
-    loss, finite = ddpm.train_step(model, ema, optimizer, FLOAT32, sched, x0, 1, 1e-3, "float32")
+    loss, finite = ddpm.train_step(model, ema, optimizer, FLOAT32, loss_of, 1, 1e-3, "float32")
     assert not finite and torch.isnan(loss)
     after = [model.state_dict(), ema.state_dict(), optimizer.state_dict()]
     for a, b in zip(before[:2], after[:2]):
@@ -929,16 +977,17 @@ def test_a_float16_overflow_halves_the_loss_scale_and_is_not_a_nan_step():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
     x0 = torch.randn(4, 1, 8, 8)
+    loss_of = lambda: ddpm.diffusion_loss(model, sched, x0)  # noqa: E731
     before = copy.deepcopy(model.state_dict())
-    loss, finite = ddpm.train_step(model, ema, optimizer, scaler, sched, x0, 0, 1e-3, "float16")
+    loss, finite = ddpm.train_step(model, ema, optimizer, scaler, loss_of, 0, 1e-3, "float16")
     assert finite and torch.isfinite(loss) and scaler.get_scale() == 2.0**39
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # skipped
     for step in range(1, 40):  # the scale halves until the gradients fit; then steps apply
-        ddpm.train_step(model, ema, optimizer, scaler, sched, x0, step, 1e-3, "float16")
+        ddpm.train_step(model, ema, optimizer, scaler, loss_of, step, 1e-3, "float16")
     assert scaler.get_scale() < 2.0**20
     assert not all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
     x0[0, 0, 0, 0] = float("nan")
-    assert not ddpm.train_step(model, ema, optimizer, scaler, sched, x0, 40, 1e-3, "float16")[1]
+    assert not ddpm.train_step(model, ema, optimizer, scaler, loss_of, 40, 1e-3, "float16")[1]
 
 
 def test_float16_trains_and_resumes_with_its_loss_scale(tiny_data, tmp_path, capsys):
@@ -990,9 +1039,10 @@ def test_cuda_cifar10_preset_fits_a_t4_at_the_default_batch():
     scaler = torch.amp.GradScaler("cuda")
     sched = ddpm.Schedule(1000, "linear", device)
     x0 = torch.rand(128, 3, 32, 32, device=device) * 2 - 1
+    loss_of = lambda: ddpm.diffusion_loss(model, sched, x0)  # noqa: E731
     torch.cuda.reset_peak_memory_stats(device)
     for step in range(3):
-        ddpm.train_step(model, ema, optimizer, scaler, sched, x0, step, 2e-4, "float16")
+        ddpm.train_step(model, ema, optimizer, scaler, loss_of, step, 2e-4, "float16")
     assert torch.cuda.max_memory_allocated(device) < 15 * 2**30
 
 
@@ -1008,9 +1058,10 @@ def test_cuda_sampling_makes_no_host_synchronisation_per_step():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ddpm.sample(model, sched, shape, generator=generator)
+        ddpm.sample(model, sched, shape, generator=generator, callback=ddpm.sampling_callback(50, None))
         ddim.sample(model, sched, shape, 10, eta=1.0, generator=generator)
-        cfg.sample(model, sched, shape, 10, y, guidance=2.0, null_label=2, eta=1.0, generator=generator)
+        guided = lambda x, t: cfg.guided_eps(model, x, t, y, 2.0, 2)  # noqa: E731
+        cfg.sample(guided, sched, shape, 10, eta=1.0, generator=generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -1390,12 +1441,13 @@ def test_shipped_checkpoints_sample_their_pictures_and_an_untrained_network_does
     ema, ckpt = ddpm.load_checkpoint(ROOT / "pretrained" / name)
     assert "optimizer" not in ckpt and "model" not in ckpt  # sampling-only, a few MB
     config = ckpt["config"]
-    sched = ddpm.Schedule(config["timesteps"], config["schedule"], prediction=config.get("prediction", "eps"))
+    sched = ddpm.Schedule(config["timesteps"], config["schedule"])
     untrained = UNet(**config["unet"]).eval()
     shape = (8 if "fashion" in name else 16, config["unet"]["image_channels"], ema.image_size, ema.image_size)
     looks_right = looks_like_fashion_mnist if "fashion" in name else looks_like_emoji
     for model, expected in ((ema, True), (untrained, False)):
-        x = ddim.sample(model, sched, shape, 20, eta=1.0, generator=torch.Generator().manual_seed(0))
+        eps_theta = ddim.network_eps(model, sched, config.get("prediction", "eps"))
+        x = ddim.sample(eps_theta, sched, shape, 20, eta=1.0, generator=torch.Generator().manual_seed(0))
         assert looks_right(x) == expected
 
 
@@ -1466,42 +1518,53 @@ def test_the_prepared_gpu_check_dry_run(tmp_path):
 
 
 # The README's "Copy the paper into your project": these imports, then a script's text from
-# "# --- noise schedule" up to "# --- data", beside unet.py.
-COPY_IMPORTS = "import math\n\nimport torch\nimport torch.nn.functional as F\nfrom tqdm import tqdm\n\nfrom unet import UNet\n\n\n"
+# "# --- noise schedule" up to "# --- beyond the papers", beside unet.py.
+COPY_IMPORTS = "import math\n\nimport torch\nimport torch.nn.functional as F\n\n\n"
+
+
+def copy_the_paper_part(script: str, folder: Path, monkeypatch):
+    """Exactly the section the README names, with its imports, in an empty folder beside unet.py:
+    the copy as a module, and the copy's unet."""
+    source = (ROOT / f"{script}.py").read_text()
+    paper_part = source[source.index("# --- noise schedule"):source.index("# --- beyond the papers")]
+    (folder / "paper.py").write_text(COPY_IMPORTS + paper_part)
+    (folder / "unet.py").write_bytes((ROOT / "unet.py").read_bytes())
+    monkeypatch.delitem(sys.modules, "unet")  # the copy's own unet.py, not this repo's
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(f"paper_of_{script}", folder / "paper.py")
+    paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper)
+    return paper, importlib.import_module("unet")
 
 
 @pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
 def test_copy_the_paper_part_of_each_script_alone(script, tmp_path, monkeypatch):
-    """Exactly the section the README names, with its imports and unet.py, in an empty folder: it
-    trains a few steps and samples, with no other line of the script."""
-    source = (ROOT / f"{script}.py").read_text()
-    (tmp_path / "paper.py").write_text(COPY_IMPORTS + source[source.index("# --- noise schedule"):
-                                                             source.index("# --- data")])
-    (tmp_path / "unet.py").write_bytes((ROOT / "unet.py").read_bytes())
-    monkeypatch.delitem(sys.modules, "unet")  # the copy's own unet.py, not this repo's
-    monkeypatch.syspath_prepend(str(tmp_path))
-    spec = importlib.util.spec_from_file_location(f"paper_of_{script}", tmp_path / "paper.py")
-    paper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper)
+    """The copy trains a few steps as the README says, and samples, with no other line of the script."""
+    paper, copied_unet = copy_the_paper_part(script, tmp_path, monkeypatch)
     torch.manual_seed(0)
     sched = paper.Schedule(20)
     num_classes = 2 if script == "cfg" else None
-    model = paper.UNet(1, 8, channels=8, channel_mult=(1, 2), attn_levels=(1,), num_classes=num_classes)
+    model = copied_unet.UNet(1, 8, channels=8, channel_mult=(1, 2), attn_levels=(1,),
+                             num_classes=num_classes)
     ema = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
     y = torch.tensor([0, 1, 0, 1])
-    shape = x0.shape
-    for step in range(3):
+    for _ in range(3):
         labels = (paper.drop_labels(y, 0.1, 2),) if script == "cfg" else ()
-        assert paper.train_step(model, ema, optimizer, FLOAT32, sched, x0, *labels, step, 1e-3, "float32")[1]
+        loss = paper.diffusion_loss(model, sched, x0, *labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        paper.update_ema(ema, model)
     if script == "ddpm":
-        x = paper.sample(ema, sched, shape)
+        x = paper.sample(ema, sched, x0.shape)
     elif script == "ddim":
-        x = paper.sample(ema, sched, shape, 5, eta=0.0, x_T=paper.invert(ema, sched, x0, 5))
+        x = paper.sample(ema, sched, x0.shape, 5, eta=0.0, x_T=paper.invert(ema, sched, x0, 5))
     else:
-        x = paper.sample(ema, sched, shape, 5, y, guidance=2.0, null_label=2, eta=1.0)
-    assert x.shape == shape and torch.isfinite(x).all()
+        guided = lambda x, t: paper.guided_eps(ema, x, t, y, 2.0, 2)  # noqa: E731
+        x = paper.sample(guided, sched, x0.shape, 5, eta=1.0)
+    assert x.shape == x0.shape and torch.isfinite(x).all()
 
 
 # Four samples per shipped checkpoint, float32, seed 0, made by the samplers as they were before the
@@ -1517,14 +1580,16 @@ def test_shipped_checkpoints_reproduce_their_reference_samples(key):
     name, sampler = key.split("/")
     ema, ckpt = ddpm.load_checkpoint(ROOT / "pretrained" / f"{name}.pt")
     config = ckpt["config"]
-    sched = ddpm.Schedule(config["timesteps"], config["schedule"], prediction=config.get("prediction", "eps"))
+    sched = ddpm.Schedule(config["timesteps"], config["schedule"])
+    eps_theta = ddpm.network_eps(ema, sched, config.get("prediction", "eps"))
     shape = REFERENCE_SAMPLES[key].shape
     generator = torch.Generator().manual_seed(0)
     if sampler == "ddpm_T":
-        x = ddpm.sample(ema, sched, shape, generator=generator)
+        x = ddpm.sample(eps_theta, sched, shape, generator=generator)
     elif sampler == "ddim_50_eta0":
-        x = ddim.sample(ema, sched, shape, 50, eta=0.0, generator=generator)
+        x = ddim.sample(eps_theta, sched, shape, 50, eta=0.0, generator=generator)
     else:
-        x = cfg.sample(ema, sched, shape, 50, torch.tensor([0, 3, 7, 9]), guidance=2.0, null_label=10, eta=1.0,
-                       generator=generator)
+        y = torch.tensor([0, 3, 7, 9])
+        guided = lambda x, t: cfg.guided_eps(eps_theta, x, t, y, 2.0, 10)  # noqa: E731
+        x = cfg.sample(guided, sched, shape, 50, eta=1.0, generator=generator)
     assert (x - REFERENCE_SAMPLES[key]).abs().max().item() < 1e-3
