@@ -51,7 +51,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """The paper's 32 groups; 8 where the width is not a multiple of 32 (small48's first level)."""
+    """The paper's 32 groups; 8 where the width is not a multiple of 32 (small48's 48 and 144)."""
     return nn.GroupNorm(32 if channels % 32 == 0 else 8, channels)
 
 
@@ -160,7 +160,7 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, scale_shift), Attention(ch),
                                   ResBlock(ch, ch, emb_dim, dropout, scale_shift)])
         # Up path: one more block per level than the down path, each starting from a concatenated
-        # skip activation; the last block of a level also upsamples.
+        # skip activation; the last block of each level but level 0 also upsamples.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for block in range(num_res_blocks + 1):
