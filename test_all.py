@@ -233,7 +233,7 @@ def test_unet_output_shape(channels, size):
 
 def test_cifar_preset_has_the_papers_35_7m_parameters():
     model = UNet(3, 32, **PRESETS["ddpm_cifar10"])
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(35.7e6, abs=0.1e6)
+    assert sum(p.numel() for p in model.parameters()) == 35_746_307  # as diffusion_tf builds it
 
 
 def test_unet_output_depends_on_t_and_class():
@@ -907,8 +907,51 @@ def test_init_is_the_official_variance_scaling():
     assert torch.all(conv.bias == 0)
     dense = model.time_mlp[0]                       # 128 → 512: fan_avg = 320
     assert dense.weight.std().item() == pytest.approx(math.sqrt(1 / 320), rel=0.02)
+    for q_k_or_v in model.mid[1].qkv.weight.chunk(3):  # three 256 → 256 layers: fan_avg = 256
+        assert q_k_or_v.std().item() == pytest.approx(math.sqrt(1 / 256), rel=0.02)
     for near_zero in (model.down[0][0].conv2, model.mid[1].proj, model.conv_out):
         assert 0 < near_zero.weight.abs().max().item() < 1e-4
+
+
+def test_every_groupnorm_of_the_cifar_preset_has_the_official_epsilon():
+    """diffusion_tf calls tf.contrib's group_norm with its default ε, 1e-6: in all 51 GroupNorms
+    (2 in each of the 22 residual blocks, 1 in each of the 6 attention blocks, the output's)."""
+    def epsilons(model):
+        return [m.eps for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert epsilons(UNet(3, 32, **PRESETS["ddpm_cifar10"])) == [1e-6] * 51
+    for preset in ("small", "small48"):  # PyTorch's 1e-5, as trained: configs, --resume unchanged
+        assert "norm_eps" not in PRESETS[preset]
+        assert set(epsilons(UNet(3, 32, **PRESETS[preset]))) == {1e-5}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_layer_starts_as_the_official_codes_variance_scaling(preset):
+    """diffusion_tf draws each conv and dense weight U(±√(3·scale/fan_avg)), so its std is
+    √(scale/fan_avg), and each bias 0; scale is 1e-10 (its init_scale=0) for the last layer of
+    every residual branch and of the network, 1 elsewhere. q, k and v are three C → C layers there
+    (fan_avg = C), one qkv layer of 3C outputs here."""
+    torch.manual_seed(0)
+    model = UNet(3, 32, **PRESETS[preset])
+    branch_ends = {model.conv_out}
+    for module in model.modules():
+        if isinstance(module, unet.ResBlock):
+            branch_ends.add(module.conv2)
+        if isinstance(module, unet.Attention):
+            branch_ends.add(module.proj)
+    if preset == "ddpm_cifar10":
+        assert len(branch_ends) == 22 + 6 + 1
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        scale = 1e-10 if layer in branch_ends else 1.0
+        for weight in layer.weight.chunk(3 if name.endswith("qkv") else 1):
+            fan_avg = (weight.shape[0] + weight.shape[1]) / 2 * weight[0, 0].numel()
+            std = math.sqrt(scale / fan_avg)
+            # The std of n uniform draws has a relative standard error of √(0.2 / n); allow 6 of it.
+            tolerance = 6 * math.sqrt(0.2 / weight.numel())
+            assert weight.std().item() == pytest.approx(std, rel=tolerance), name
+            assert weight.abs().max().item() <= math.sqrt(3) * std * (1 + 1e-6), name
+        assert torch.all(layer.bias == 0), name
 
 
 def test_cifar_preset_places_attention_like_the_paper_and_small_keeps_its_own():

@@ -1,15 +1,16 @@
 """The one network shared by ddpm.py, ddim.py and cfg.py: the U-Net of DDPM.
 
 Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", appendix B) built it from PixelCNN++:
-a U-Net of residual blocks with GroupNorm, the timestep fed to every block through a sinusoidal
-embedding and an MLP, self-attention at chosen resolutions, and skip connections between the
-down and up paths. Initialisation follows the paper's official code (diffusion_tf): every conv and
-linear layer is variance-scaling (fan_avg, uniform) with scale 1, except the last layer of each
-residual branch and of the network, whose scale is 1e-10: they start (practically) at zero, so each
-block starts as the identity. Optionally, as in improved-diffusion (Nichol & Dhariwal 2021), the
-time embedding scales and shifts the normalised activations instead of being added to them. For
-cfg.py the network can be class-conditional: a label embedding, with one extra row for the "null"
-label, is added to the time embedding.
+a U-Net of residual blocks with GroupNorm, the timestep fed to every residual block through a
+sinusoidal embedding and an MLP, self-attention at chosen resolutions, and skip connections between
+the down and up paths. Initialisation follows the paper's official code (diffusion_tf): variance
+scaling (fan_avg, uniform) with scale 1 for every conv and linear layer, q, k and v each as a layer
+of its own, and scale 1e-10 for the last layer of each residual branch and of the network. So every
+residual branch starts at (practically) zero: each block starts as its skip path (the identity, or
+a 1×1 convolution where the width changes), and the network at an output of zero. Optionally, as in
+improved-diffusion (Nichol & Dhariwal 2021), the time embedding scales and shifts the normalised
+activations instead of being added to them. For cfg.py the network can be class-conditional: a
+label embedding, with one extra row for the "null" label, is added to the time embedding.
 
 The network maps (x_t, t[, y]) to a tensor of x_t's shape: the predicted noise ε (for a folder, by
 default v = √ᾱ_t ε − √(1−ᾱ_t) x0: the scripts' --prediction). Images are square, of any size
@@ -22,18 +23,19 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-# Three presets. "ddpm_cifar10" is the paper's CIFAR-10 network (35.7M parameters), as in its official
-# code: additive time embedding, attention at level 1 (16×16 for 32×32 images), dropout 0.1.
-# "small" trains usefully on a laptop CPU at 28×28: it keeps the paper's blocks, embedding and
-# initialisation, and changes width (32), depth (3 levels, 1 block each), adds no dropout, puts
-# attention at level 2 (7×7 for 28×28) and uses scale/shift (it trained faster on Fashion-MNIST).
-# "small48" is "small" at width 48, a folder's default: in a half hour of colour it learnt more.
-# Level l works at image_size / 2^l; the middle of the U-Net always has attention.
+# Three presets. Level l works at image_size / 2^l; the middle of the U-Net always has attention.
+# "ddpm_cifar10" is the paper's CIFAR-10 network (35.7M parameters) as its official code builds it:
+# additive time embedding, attention at level 1 (16×16 for 32×32 images), dropout 0.1, and the ε of
+# that code's GroupNorm (tf.contrib's group_norm), 1e-6, where UNet's default is PyTorch's 1e-5.
+# "small" (ours, for a laptop CPU at 28×28) keeps the paper's blocks, embedding and initialisation,
+# and changes width (32), depth (3 levels, 1 block each), dropout (none), attention (level 2: 7×7
+# for 28×28) and the time embedding (scale and shift, from improved-diffusion). "small48" (ours, a
+# folder's default) is "small" at width 48. Both keep ε = 1e-5, with which they were trained.
 PRESETS: dict[str, dict] = {
     "small": dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,),
                   dropout=0.0, scale_shift=True),
     "ddpm_cifar10": dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                         attn_levels=(1,), dropout=0.1, scale_shift=False),
+                         attn_levels=(1,), dropout=0.1, scale_shift=False, norm_eps=1e-6),
 }
 PRESETS["small48"] = dict(PRESETS["small"], channels=48)
 
@@ -49,20 +51,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    """The paper's 32 groups; 8 where the width is not a multiple of 32 (small48's first level, tests)."""
+    """The paper's 32 groups; 8 where the width is not a multiple of 32 (small48's 48 and 144)."""
     return nn.GroupNorm(32 if channels % 32 == 0 else 8, channels)
 
 
-def variance_scaling_(module: nn.Module, scale: float = 1.0) -> nn.Module:
-    """The official code's init: weights ~ U(±√(3·scale / fan_avg)), fan_avg = (fan_in + fan_out)/2
-    (Glorot uniform with gain √scale), biases zero. scale = 1e-10 for a layer that starts near 0."""
-    nn.init.xavier_uniform_(module.weight, gain=math.sqrt(scale))
+def variance_scaling_(module: nn.Module, scale: float = 1.0, layers: int = 1) -> None:
+    """The official code's init: weights ~ U(±√(3·scale / fan_avg)), fan_avg = (fan_in + fan_out)/2,
+    biases zero. layers = 3 (qkv): each third of the output rows is drawn as a layer of its own."""
+    for weight in module.weight.chunk(layers):
+        nn.init.xavier_uniform_(weight, gain=math.sqrt(scale))
     nn.init.zeros_(module.bias)
-    return module
 
 
 class ResBlock(nn.Module):
-    """GroupNorm → SiLU → conv, inject time embedding, GroupNorm → SiLU → dropout → conv, plus skip."""
+    """GroupNorm → SiLU → conv, GroupNorm with time embedding → SiLU → dropout → conv; plus skip."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool):
         super().__init__()
@@ -94,7 +96,7 @@ class Attention(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # q, k and v: three 1×1 layers in the official code
         self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,7 @@ class UNet(nn.Module):
     def __init__(self, image_channels: int = 1, image_size: int = 28, channels: int = 32,
                  channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attn_levels: tuple[int, ...] = (2,), dropout: float = 0.0,
-                 scale_shift: bool = True, num_classes: int | None = None):
+                 scale_shift: bool = True, norm_eps: float = 1e-5, num_classes: int | None = None):
         super().__init__()
         levels = len(channel_mult)
         if image_size % 2 ** (levels - 1):
@@ -135,12 +137,13 @@ class UNet(nn.Module):
         self.image_size, self.num_classes = image_size, num_classes
         emb_dim = 4 * channels
         self.channels = channels
-        self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
         # Row num_classes is the null label ∅ used by classifier-free guidance.
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
         self.conv_in = nn.Conv2d(image_channels, channels, 3, padding=1)
-        # Down path: stages, each ending in an activation that the up path concatenates (widths: skip_chs).
+        # Down path: stages, each ending in an activation for the up path (widths: skip_chs).
         self.down = nn.ModuleList()
         ch, skip_chs = channels, [channels]
         for level, mult in enumerate(channel_mult):
@@ -157,11 +160,12 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, scale_shift), Attention(ch),
                                   ResBlock(ch, ch, emb_dim, dropout, scale_shift)])
         # Up path: one more block per level than the down path, each starting from a concatenated
-        # skip activation; the last block of a level also upsamples.
+        # skip activation; the last block of each level but level 0 also upsamples.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for block in range(num_res_blocks + 1):
-                stage = [ResBlock(ch + skip_chs.pop(), channels * mult, emb_dim, dropout, scale_shift)]
+                in_ch = ch + skip_chs.pop()
+                stage = [ResBlock(in_ch, channels * mult, emb_dim, dropout, scale_shift)]
                 ch = channels * mult
                 if level in attn_levels:
                     stage.append(Attention(ch))
@@ -171,19 +175,24 @@ class UNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, image_channels, 3, padding=1)
 
-        # The official init: variance scaling for every conv and linear layer (the label embedding
-        # keeps PyTorch's N(0, 1)), then scale 1e-10 for the last layer of every residual branch (and
-        # of the network), so that each block starts as the identity.
+        for module in self.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.eps = norm_eps
+        # The official init (the module's docstring); the label embedding keeps PyTorch's N(0, 1).
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 variance_scaling_(module)
         for module in self.modules():
-            if isinstance(module, (ResBlock, Attention)):
-                variance_scaling_(module.conv2 if isinstance(module, ResBlock) else module.proj, 1e-10)
+            if isinstance(module, ResBlock):
+                variance_scaling_(module.conv2, 1e-10)
+            if isinstance(module, Attention):
+                variance_scaling_(module.qkv, layers=3)
+                variance_scaling_(module.proj, 1e-10)
         variance_scaling_(self.conv_out, 1e-10)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W) noisy images; t: (B,) integer timesteps; y: (B,) labels, num_classes = ∅."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) x_t; t: (B,) integer timesteps; y: (B,) labels, num_classes = ∅."""
         emb = self.time_mlp(timestep_embedding(t, self.channels))
         if self.label_emb is not None:
             if y is None:
