@@ -39,15 +39,16 @@ from unet import PRESETS, UNet
 
 # --- noise schedule
 class Schedule:
-    """The noise schedule: β_t, α_t = 1 − β_t and ᾱ_t = α_1·…·α_t, for the code's t = 0..T-1.
-    Computed in float64, stored as float32 tensors; they belong to no network, so no EMA sees them."""
+    """The noise schedule: β_t, α_t = 1 − β_t and ᾱ_t = α_1·…·α_t, for the code's t = 0..T-1,
+    computed in float64 and stored as float32. No network holds them, so no EMA averages them."""
 
     def __init__(self, T: int = 1000, kind: str = "linear", device="cpu"):
         if kind == "linear":  # Sec. 4: β rises linearly from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t) / f(0)
             s = 0.008  # their offset, which keeps β small near t = 0
-            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+            t_over_T = torch.arange(T + 1, dtype=torch.float64) / T
+            f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip, so that β < 1 near t = T
         else:
             raise ValueError(f"unknown schedule {kind!r}")
@@ -65,7 +66,7 @@ def at(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # --- forward process and loss
-def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def q_sample(sched: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
     """q(x_t | x0) = N(√ᾱ_t x0, (1 − ᾱ_t) I), eq. 4, drawn as x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε."""
     alpha_bar = at(sched.alpha_bar, t, x0)
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
@@ -80,8 +81,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 
 
 def update_ema(ema, model, *, decay: float = 0.9999) -> None:
-    """The exponential moving average of the weights that samples (Appendix B, decay 0.9999):
-    θ_ema ← decay·θ_ema + (1 − decay)·θ."""
+    """EMA of the weights (Appendix B): θ_ema ← decay·θ_ema + (1 − decay)·θ; θ_ema samples."""
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
@@ -89,20 +89,19 @@ def update_ema(ema, model, *, decay: float = 0.9999) -> None:
 
 # --- Algorithm 2: sampling
 @torch.inference_mode()
-def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], *,
-           generator: torch.Generator | None = None, clip: bool = True, callback=None) -> torch.Tensor:
-    """Algorithm 2: x_T ~ N(0, I), then for t = T, …, 1
-    x_{t−1} = (x_t − β_t / √(1 − ᾱ_t) · ε_θ(x_t, t)) / √α_t + σ_t z, with σ_t² = β_t and no z at t = 1.
-    eps_theta(x, t) predicts ε: the network, or any function of (x, t). clip: the official code clips
-    x̂0 to [−1, 1], the range of images; turn it off for data outside it. callback(t, x, x̂0) is
-    called after each step with its result x and the x̂0 it came from."""
+def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], *, generator=None,
+           clip: bool = True, callback=None) -> torch.Tensor:
+    """Algorithm 2: x_T ~ N(0, I), then for t = T, …, 1 (σ_t² = β_t, and no z at t = 1)
+        x_{t−1} = (x_t − β_t / √(1 − ᾱ_t) · ε_θ(x_t, t)) / √α_t + σ_t z.
+    eps_theta(x, t) predicts ε: the network, or any function of (x, t). clip: the official clip of
+    x̂0 to [−1, 1] (False for data outside it). callback(t, x, x̂0) sees each step's x and x̂0."""
     device = sched.betas.device
     x = torch.randn(shape, device=device, generator=generator)
     for t in range(sched.T - 1, -1, -1):
         alpha, alpha_bar, beta = sched.alphas[t], sched.alpha_bar[t], sched.betas[t]
         eps = eps_theta(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
         x0_hat = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()  # eq. 15
-        if clip:  # the official code's clip of x̂0 to [−1, 1], and ε̂ re-derived from the clipped x̂0
+        if clip:  # the official code's clip of x̂0 to [−1, 1], and ε̂ re-derived from it
             x0_hat = x0_hat.clamp(-1, 1)
             eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
         # Algorithm 2, line 4. It equals eq. 7's posterior mean μ̃_t(x_t, x̂0), which the official
@@ -117,9 +116,8 @@ def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], *,
 
 # --- beyond the papers: what we add, each with its source
 def v_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
-    """v-prediction (Salimans & Ho 2022): the network learns v = √ᾱ_t ε − √(1 − ᾱ_t) x0, a folder's
-    default. Its squared error is weighted by min(SNR, 5) / (SNR + 1), SNR = ᾱ_t / (1 − ᾱ_t), the
-    min-SNR-5 weights of Hang et al. 2023, which spare the steps near t = T and near t = 0."""
+    """v-prediction (Salimans & Ho 2022), a folder's default: the network learns v = √ᾱ_t ε −
+    √(1 − ᾱ_t) x0, its error weighted by Hang et al. 2023's min-SNR-5, min(SNR, 5) / (SNR + 1)."""
     t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
     alpha_bar = at(sched.alpha_bar, t, x0)
@@ -138,8 +136,8 @@ def eps_from_v(v_theta, sched: Schedule):
 
 
 def ema_warmup(step: int) -> float:
-    """update_ema's decay at a step: min(0.9999, (1 + step) / (10 + step)), the num_updates rule of
-    TensorFlow's ExponentialMovingAverage. Early weights are forgotten fast, so short runs sample well."""
+    """update_ema's decay at a step, min(0.9999, (1 + step) / (10 + step)): the num_updates rule of
+    TensorFlow's ExponentialMovingAverage. Early weights fade fast, so short runs sample well."""
     return min(0.9999, (1 + step) / (10 + step))
 
 
@@ -156,49 +154,52 @@ def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_m
         return load_folder(Path(name), image_size, size_multiple)
     dataset_class = DATASETS[name]
     raw = Path(data_dir) / dataset_class.__name__ / "raw"
-    if name == "fashion" and not (raw / "train-images-idx3-ubyte").exists() and DEBIAN_FASHION.is_dir():
+    debian_copy = name == "fashion" and DEBIAN_FASHION.is_dir()
+    if debian_copy and not (raw / "train-images-idx3-ubyte").exists():
         raw.mkdir(parents=True, exist_ok=True)
         for gz in DEBIAN_FASHION.glob("*-ubyte.gz"):  # torchvision wants the files unpacked
             (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
     try:
         dataset = dataset_class(data_dir, train=True, download=True)
     except (RuntimeError, OSError) as e:
-        raise SystemExit(f"error: cannot load or download {name} ({e}); offline, put its unpacked files in "
-                         f"{raw} (cifar10: {data_dir}/cifar-10-batches-py)")
+        raise SystemExit(f"error: cannot load or download {name} ({e}); offline, put its unpacked "
+                         f"files in {raw} (cifar10: {data_dir}/cifar-10-batches-py)")
     images = torch.as_tensor(dataset.data)
     images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
     if image_size and image_size != images.shape[-1]:
         images = resize(images, [image_size, image_size], antialias=True)
-    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
+    return images.contiguous(), torch.as_tensor(dataset.targets), list(dataset.classes)
 
 
 def load_folder(root: Path, image_size: int | None, size_multiple: int):
-    """Every image under root, a centre square of image_size on white; label: its first subfolder."""
+    """Every image under root, a centre square of image_size on white; its label: its subfolder."""
     if not root.is_dir():
         raise SystemExit(f"error: --dataset {root}: neither {', '.join(DATASETS)} nor a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     class_names = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
     short_sides = {}
-    for path in files:  # reads the headers only; Pillow's errors vary: an unreadable file is skipped
+    for path in files:  # reads the headers only; a file Pillow cannot read is skipped
         with contextlib.suppress(Exception), Image.open(path) as picture:
             short_sides[path] = min(picture.size)
     if image_size is None:  # the median short side, at most FOLDER_SIZE
         median_side = sorted(short_sides.values() or [0])[len(short_sides) // 2]
-        image_size = max(size_multiple, min(median_side, FOLDER_SIZE) // size_multiple * size_multiple)
+        largest = min(median_side, FOLDER_SIZE)
+        image_size = max(size_multiple, largest // size_multiple * size_multiple)
         if median_side > FOLDER_SIZE:
-            print(f"training at {image_size}×{image_size}, smaller than the images (--image-size to choose)")
+            print(f"training at {image_size}×{image_size}, smaller than the images (--image-size)")
     images, labels = [], []
-    for path in tqdm([path for path, side in short_sides.items() if side >= image_size],
-                     desc="loading", leave=False):
+    for path in tqdm([p for p, side in short_sides.items() if side >= image_size], desc="loading"):
         with contextlib.suppress(Exception), Image.open(path) as picture:
-            picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
-            picture = ImageOps.fit(picture.convert("RGB"), (image_size, image_size))  # bicubic
-            images.append(pil_to_tensor(picture))
-            labels.append(class_names.index(path.relative_to(root).parts[0]) if path.parent != root else -1)
+            white = Image.new("RGBA", picture.size, "white")
+            picture = Image.alpha_composite(white, picture.convert("RGBA")).convert("RGB")
+            images.append(pil_to_tensor(ImageOps.fit(picture, (image_size, image_size))))  # bicubic
+            folder = path.relative_to(root).parts[0]
+            labels.append(class_names.index(folder) if path.parent != root else -1)
     if len(images) < len(files):
-        print(f"skipped {len(files) - len(images)} of the {len(files)} files: unreadable, or too small")
+        skipped = len(files) - len(images)
+        print(f"skipped {skipped} of the {len(files)} files: unreadable, or too small")
     if not images:
-        raise SystemExit(f"error: no readable image of {image_size}×{image_size} or larger under {root}")
+        raise SystemExit(f"error: no readable image of {image_size}×{image_size} or more in {root}")
     images = torch.stack(images)
     if torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]):
         images = images[:, :1]  # no pixel has colour: grayscale
@@ -213,8 +214,8 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
 
 
 # --- training run
-FOLDER_MINUTES = 30  # a folder's default length: as many epochs as half an hour of this machine trains
-MEASURE_STEPS = 50  # the steps whose speed sizes that run, after the first log row (start-up, compiling)
+FOLDER_MINUTES = 30  # a folder trains as many epochs as fill half an hour of this machine,
+MEASURE_STEPS = 50  # at the speed of these steps after the first log row (start-up, compiling)
 LOG_EVERY = 10  # steps between the rows of log.csv; each row waits for the device
 CKPT_EVERY = 500  # the most steps between checkpoints (and one each epoch)
 GRID_SHARE = 0.1  # the largest share of the run's time that the sample grids may take
@@ -223,18 +224,17 @@ MAX_BAD_STEPS = 20  # a run stops after this many NaN or inf steps in a row
 
 def train_step(model, ema: UNet, optimizer, scaler, loss_of, step: int, lr: float,
                precision: str) -> tuple[torch.Tensor, bool]:
-    """Algorithm 1's gradient step on the loss that loss_of() computes, with the official code's
-    gradient clip (norm 1), autocast to precision, float16's loss scaling and the EMA. Returns the
-    loss, and False for a NaN or inf step, which changes no weight. A float16 overflow of a finite
-    loss is not such a step: the loss scaler skips it and halves its scale."""
+    """Algorithm 1's gradient step on loss_of(), with the official gradient clip (norm 1), autocast,
+    float16's loss scaling and the EMA. Returns the loss, and False for a NaN or inf step, which
+    changes no weight (a float16 overflow is not one: the scaler skips it and halves its scale)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     device_type = next(model.parameters()).device.type
     with torch.autocast(device_type, getattr(torch, precision), enabled=precision != "float32"):
         loss = loss_of()
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # float16: the loss scaled up, so that small gradients stay above 0
-    scaler.unscale_(optimizer)  # the true gradients again, for the clip (without float16: nothing to do)
+    scaler.scale(loss).backward()  # float16: the loss scaled up, so small gradients stay above 0
+    scaler.unscale_(optimizer)  # the true gradients again, for the clip (nothing to do in bfloat16)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if not torch.isfinite(grad_norm):  # DDP all-reduces gradients first: every rank agrees
         scaler.update()  # float16: the scale was too large and halves
@@ -250,29 +250,35 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
     images, labels, class_names = training_data(args, device, rank, world_size)
     unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset])
-    config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps, prediction=args.prediction,
-                  dataset=args.dataset)
+    config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps,
+                  prediction=args.prediction, dataset=args.dataset)
     sched = Schedule(args.timesteps, args.schedule, device)
     loss_fn = v_loss if args.prediction == "v" else diffusion_loss
     model, ema, optimizer, scaler, run = build_run(config, ckpt_path, args, device)
     train_model = DistributedDataParallel(model) if world_size > 1 else model
     train_model = torch.compile(train_model) if args.compile else train_model
     steps_per_epoch = len(images) // args.batch_size
-    total_steps = plan_run(images, args, run, device, rank, world_size)  # a folder's: math.inf until measured
-    grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # short epochs: fewer grids
+    total_steps = plan_run(images, args, run, device, rank, world_size)  # inf until measured
+    grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # short epochs: fewer
     stop_signals = catch_stop_signals(world_size)
-    log = open_log(out / "log.csv", run["step"]) if rank == 0 else None
+    if rank == 0:  # log.csv, a row at a time; a resumed run keeps its rows up to its step
+        log_path = out / "log.csv"
+        old_log = log_path.read_text() if run["step"] and log_path.is_file() else ""
+        rows = list(csv.reader(old_log.splitlines()))[1:]
+        log = csv.writer(open(log_path, "w", buffering=1, newline=""), lineterminator="\n")
+        log.writerow(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"])
+        log.writerows(row for row in rows if int(row[0]) <= run["step"])
     bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
-    totals = torch.zeros(3, device=device)  # since the last row: summed loss, updates, stops (one all_reduce)
+    totals = torch.zeros(3, device=device)  # since the last log row: loss sum, updates, stops
     step = timer_step = run["step"]
     timer, bad_in_a_row, stop, order, measured_from = time.perf_counter(), 0, False, None, None
     while step < total_steps and not stop:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        if order is None or index_in_epoch == 0:  # from (seed, epoch) alone: the same again on resume
+        if order is None or index_in_epoch == 0:  # from (seed, epoch) alone: resume repeats it
             generator = torch.Generator().manual_seed(hash((args.seed, epoch)))
             order = torch.randperm(len(images), generator=generator)
         batch = order[index_in_epoch * args.batch_size:][:args.batch_size].chunk(world_size)[rank]
-        torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise: the same again on resume
+        torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise, the same on resume
         x0 = to_model_range(images[batch.to(device)], args.flip)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
         loss, finite = train_step(train_model, ema, optimizer, scaler,
@@ -282,12 +288,12 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
         run["skipped"] += not finite
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
         if bad_in_a_row == MAX_BAD_STEPS:
-            raise SystemExit(f"error: NaN or inf for {MAX_BAD_STEPS} steps in a row; {ckpt_path} is the last "
-                             f"good state: lower --lr or use --precision float32, and --resume")
+            raise SystemExit(f"error: NaN or inf for {MAX_BAD_STEPS} steps in a row; the last good "
+                             f"state is {ckpt_path}: --resume with a lower --lr or in float32")
         if finite:
             totals[0] += loss
             totals[1] += 1
-        if step % LOG_EVERY == 0 or step == total_steps:  # one wait for the device, and a row of log.csv
+        if step % LOG_EVERY == 0 or step == total_steps:  # a log row waits for the device
             totals[2] = len(stop_signals)
             if world_size > 1:
                 dist.all_reduce(totals)  # the ranks agree on the loss, and on whether to stop
@@ -301,15 +307,17 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                               f"{images_per_s:.1f}", f"{run['elapsed']:.1f}", run["skipped"]])
             totals.zero_()
             timer, timer_step = time.perf_counter(), step
-            measured_from = measured_from or (step, run["elapsed"])  # the first row's: after start-up
+            measured_from = measured_from or (step, run["elapsed"])  # after start-up
             if total_steps == math.inf and step - measured_from[0] >= MEASURE_STEPS:
-                total_steps = bar.total = plan_run(images, args, run, device, rank, world_size, measured_from)
-        if rank == 0 and (stop or step == total_steps or step % min(CKPT_EVERY, steps_per_epoch) == 0):
-            weights = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                           scaler=scaler.state_dict())
+                total_steps = plan_run(images, args, run, device, rank, world_size, measured_from)
+                bar.total = total_steps
+        checkpoint_due = step % min(CKPT_EVERY, steps_per_epoch) == 0
+        if rank == 0 and (stop or step == total_steps or checkpoint_due):
+            weights = dict(model=model.state_dict(), ema=ema.state_dict(),
+                           optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
             save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), **run))
-        if (rank == 0 and not stop and step % grid_every == 0 and step < total_steps
-                and run["grid_seconds"] <= GRID_SHARE * run["elapsed"]):  # 1000-step grids come less often
+        grid_due = step % grid_every == 0 and step < total_steps and not stop
+        if rank == 0 and grid_due and run["grid_seconds"] <= GRID_SHARE * run["elapsed"]:
             grid_start = time.perf_counter()
             save_samples(ema, sched, 16, args, out / f"samples_epoch{epoch + 1}.png")
             run["grid_seconds"] += time.perf_counter() - grid_start
@@ -325,32 +333,33 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
 def training_data(args, device: torch.device, rank: int, world_size: int):
     if rank != 0:
         dist.barrier()  # rank 0 downloads first
-    images, labels, classes = load_dataset(args.dataset, args.data_dir, args.image_size, args.size_multiple)
+    images, labels, classes = load_dataset(args.dataset, args.data_dir, args.image_size,
+                                           args.size_multiple)
     if world_size > 1 and rank == 0:
         dist.barrier()
     if len(images) < args.batch_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is more than the {len(images)} images")
+        raise SystemExit(f"error: --batch-size {args.batch_size} is more than {len(images)} images")
     return images.to(device), labels, classes
 
 
-def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: int, world_size: int,
-             measured_from: tuple[int, float] | None = None) -> float:
-    """The run's length in steps (math.inf until measured) and rank 0's start line: --epochs, run's, or by
-    default for a folder the whole epochs that fill FOLDER_MINUTES at rank 0's speed since measured_from."""
+def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: int,
+             world_size: int, measured_from: tuple[int, float] | None = None) -> float:
+    """The run's length in steps, and rank 0's start line: --epochs, the resumed run's, or for a
+    folder the epochs that fill FOLDER_MINUTES at rank 0's speed since measured_from (else inf)."""
     steps_per_epoch = len(images) // args.batch_size
     run["epochs"] = args.epochs or run["epochs"]
     note = f", resuming at step {run['step']}" if run["step"] else ""
     if not run["epochs"] and measured_from:
         seconds_per_step = (run["elapsed"] - measured_from[1]) / (run["step"] - measured_from[0])
         planned_steps = run["step"] + (FOLDER_MINUTES * 60 - run["elapsed"]) / seconds_per_step
-        decision = [max(1, math.ceil(run["step"] / steps_per_epoch), round(planned_steps / steps_per_epoch)),
-                    seconds_per_step]
+        epochs_begun = math.ceil(run["step"] / steps_per_epoch)
+        decision = [max(1, epochs_begun, round(planned_steps / steps_per_epoch)), seconds_per_step]
         if world_size > 1:
             dist.broadcast_object_list(decision, src=0)  # rank 0's: every rank trains as many steps
         run["epochs"], seconds_per_step = decision
-        note = (f": about {run['epochs'] * steps_per_epoch * seconds_per_step / 60:.0f} min at "
-                f"{args.batch_size / seconds_per_step:.0f} images/s (--epochs {run['epochs']} repeats this "
-                f"length, --epochs N sets another)")
+        minutes = run["epochs"] * steps_per_epoch * seconds_per_step / 60
+        note = (f": about {minutes:.0f} min at {args.batch_size / seconds_per_step:.0f} images/s "
+                f"(--epochs {run['epochs']} repeats this length, --epochs N sets another)")
     total_steps = min(steps_per_epoch * (run["epochs"] or math.inf), args.max_steps or math.inf)
     if rank == 0 and total_steps < math.inf:
         tqdm.write(f"{len(images)} images {tuple(images.shape[1:])}, {total_steps} steps of "
@@ -359,21 +368,25 @@ def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: 
 
 
 def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
-    """The network, its EMA copy, AdamW, float16's loss scaler and the run's counters: new, or resumed."""
+    """The network, its EMA copy, AdamW, the loss scaler and the run's counters: new or resumed."""
     if ckpt_path.is_file() and not (args.resume or args.auto_resume or args.overwrite):
-        raise SystemExit(f"error: {ckpt_path.parent} holds a run: --resume it, --overwrite it, or use "
-                         f"another --out")
-    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower
+        raise SystemExit(f"error: {ckpt_path.parent} holds a run: --resume it, --overwrite it, "
+                         f"or use another --out")
+    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower.
+    resuming = args.resume or (args.auto_resume and ckpt_path.is_file())
+    ckpt = load_checkpoint(ckpt_path)[1] if resuming else None
+    if ckpt and "norm_eps" not in ckpt["config"]["unet"]:  # begun when every GroupNorm had ε 1e-5
+        config["unet"].pop("norm_eps", None)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")  # loss scaling
-    run = dict(step=0, elapsed=0.0, skipped=0, epochs=None, grid_seconds=0.0)  # the checkpoint carries these
-    if args.resume or (args.auto_resume and ckpt_path.is_file()):
-        ckpt = load_checkpoint(ckpt_path)[1]
+    optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
+    run = dict(step=0, elapsed=0.0, skipped=0, epochs=None, grid_seconds=0.0)  # in the checkpoint
+    if ckpt:
         if "optimizer" not in ckpt:
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: no optimizer in it (made by --export)")
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: no optimizer (an --export)")
         if ckpt["config"] != config:
             raise SystemExit(f"error: cannot resume {ckpt['config']} with flags that give {config}")
         model.load_state_dict(ckpt["model"])
@@ -386,7 +399,7 @@ def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
 
 
 def catch_stop_signals(world_size: int) -> list:
-    """Ctrl-C, or SIGTERM unless torchrun sent it for a dead worker: train saves and stops; twice: at once."""
+    """Ctrl-C, or a SIGTERM not from torchrun, makes train save and stop; a second: stop at once."""
     stop_signals = []
 
     def request_stop(signum, _frame):
@@ -405,22 +418,13 @@ def lock_out_dir(out: Path):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"error: another run is training in {out}: wait, or choose another --out")
+            raise SystemExit(f"error: another run is training in {out}: wait, or use another --out")
     (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # a killed run's
     return handle
 
 
-def open_log(path: Path, step: int):
-    """log.csv, a row at a time; on resume it keeps the rows up to the step."""
-    rows = list(csv.reader(path.read_text().splitlines()))[1:] if step > 0 and path.is_file() else []
-    log = csv.writer(open(path, "w", buffering=1, newline=""), lineterminator="\n")
-    log.writerow(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"])
-    log.writerows(row for row in rows if int(row[0]) <= step)
-    return log
-
-
 def network_eps(network, sched: Schedule, prediction: str):
-    """The network as the samplers' ε_θ(x, t[, y]), in float32 (under autocast it gives bfloat16)."""
+    """The network as the samplers' ε_θ(x, t[, y]), in float32 (autocast computes bfloat16)."""
     if prediction == "v":
         return eps_from_v(network, sched)
     return lambda x, t, *labels: network(x, t, *labels).float()
@@ -434,37 +438,36 @@ def sampling_callback(steps: int, frames: list | None):
         bar.update(1)
         if frames is not None and (steps - bar.n) % max(1, steps // 50) == 0:
             frames.append(x[:16].cpu())
-        if bar.n == steps:
-            bar.close()
     return callback
 
 
 def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path,
                  gif_path: Path | None = None) -> torch.Tensor:
-    """n samples, the same noise each call, in [0, 1] on the CPU; writes their grid (and a GIF of 16)."""
+    """n samples, the same noise each call, in [0, 1] on the CPU; writes their grid (and a GIF)."""
     device = sched.betas.device
     eps_theta = network_eps(ema, sched, args.prediction)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = []
     frames = [] if gif_path else None
     for start in tqdm(range(0, n, args.batch_size), desc="batches", disable=n <= args.batch_size):
-        shape = (min(args.batch_size, n - start), ema.conv_in.in_channels, ema.image_size, ema.image_size)
-        with torch.autocast(device.type, getattr(torch, args.precision), enabled=args.precision != "float32"):
+        shape = (min(args.batch_size, n - start), ema.conv_in.in_channels, *[ema.image_size] * 2)
+        dtype = getattr(torch, args.precision)
+        with torch.autocast(device.type, dtype, enabled=args.precision != "float32"):
             x = sample(eps_theta, sched, shape, generator=generator,
                        callback=sampling_callback(sched.T, frames if start == 0 else None))
         images.append((x.float().cpu() + 1) / 2)
     images = torch.cat(images)
     save_image(images[:256], path, nrow=math.ceil(math.sqrt(min(256, n))))
-    if gif_path:  # 50 frames, the last one held
-        pictures = [to_pil_image(make_grid(frame.clamp(-1, 1) / 2 + 0.5, nrow=4)) for frame in frames]
-        durations = [60] * (len(pictures) - 1) + [2000]
-        pictures[0].save(gif_path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    if gif_path:  # 50 frames of 16 samples, the last one held
+        pictures = [to_pil_image(make_grid(x.clamp(-1, 1) / 2 + 0.5, nrow=4)) for x in frames]
+        pictures[0].save(gif_path, save_all=True, append_images=pictures[1:], loop=0,
+                         duration=[60] * (len(pictures) - 1) + [2000])
     return images
 
 
 # --- checkpoints and outputs
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file, flushed, then renamed: a kill or a full disk leaves the old one whole."""
+    """Written to a temporary file, flushed, renamed: a kill or full disk keeps the old file."""
     if not all(v.isfinite().all() for key in ("model", "ema") for v in state.get(key, {}).values()):
         raise SystemExit(f"error: the weights are NaN or inf: not overwriting {path}")
     tmp = path.with_name(path.name + ".tmp")
@@ -507,8 +510,7 @@ def sample_only(args, device: torch.device) -> None:
 
 
 # --- command line
-# Defaults per dataset, which flags override: a network sized for a CPU at 28×28, the paper's
-# CIFAR-10 setup, and our choices for a folder of images (docs/own-images.md measures them).
+# Per dataset (flags override): a CPU-sized net for 28×28, the paper's CIFAR-10, ours for folders.
 DATASET_DEFAULTS = {
     "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
     "fashion": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
@@ -520,7 +522,8 @@ DATASET_DEFAULTS = {
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "mps" if name == "cpu" and torch.backends.mps.is_available() else name
     try:
         return torch.empty(0, device=name).device  # fails if it is not there
     except (RuntimeError, AssertionError) as e:
@@ -534,14 +537,16 @@ def positive_int(text: str) -> int:
 
 
 def pick_precision(precision: str, device: torch.device) -> str:
-    """--precision auto: bfloat16 where it is native (Ampere or newer GPUs; CPUs with AVX-512 BF16 or AMX,
-    2.0× faster at 28×28), float16 with loss scaling on older CUDA GPUs (a T4, a V100), else float32."""
+    """--precision auto: bfloat16 where it is native (Ampere or newer GPUs; CPUs with AVX-512 BF16
+    or AMX, 2.0× faster at 28×28), float16 with loss scaling on older CUDA GPUs (a T4, a V100),
+    else float32."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
-    checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("avx512_bf16", "amx_tile")]
-    native = device.type == "cpu" and any(check() for check in checks if check)  # None in torch 2.4
+    names = ("avx512_bf16", "amx_tile")
+    checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in names]
+    native = device.type == "cpu" and any(check() for check in checks if check)  # torch 2.4: None
     return "bfloat16" if native else "float32"
 
 
@@ -554,7 +559,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--max-steps", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=128, help="global, over all DDP processes")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="over all DDP processes")
     p.add_argument("--lr", type=float, help="after a linear warmup")
     p.add_argument("--warmup", type=positive_int, default=200, help="steps")
     p.add_argument("--preset", choices=PRESETS, help="U-Net size")
@@ -572,15 +577,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timesteps", type=positive_int, default=1000, help="T")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--prediction", choices=["eps", "v"], default="eps", help="the network's output")
-    p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="autocast; auto: bfloat16 where native, float16 on other CUDA GPUs, else float32")
-    p.add_argument("--amp", dest="precision", action="store_const", const="bfloat16", help="= bfloat16")
-    p.add_argument("--no-amp", dest="precision", action="store_const", const="float32", help="= float32")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"],
+                   default="auto", help="autocast; auto: bfloat16 where native, else see README")
+    p.add_argument("--amp", dest="precision", action="store_const", const="bfloat16", help="bf16")
+    p.add_argument("--no-amp", dest="precision", action="store_const", const="float32", help="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.set_defaults(**DATASET_DEFAULTS.get(p.parse_known_args(argv)[0].dataset, DATASET_DEFAULTS["folder"]))
+    dataset = p.parse_known_args(argv)[0].dataset
+    p.set_defaults(**DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["folder"]))
     args = p.parse_args(argv)
     args.ckpt = args.ckpt or str(Path(args.out) / "ckpt.pt")
-    args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # the U-Net halves sizes
+    args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # halved per level
     if args.image_size and args.image_size % args.size_multiple:
         p.error(f"--image-size must be a multiple of {args.size_multiple}: the U-Net halves it")
     if args.lr <= 0:
@@ -595,22 +601,23 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if world_size > 1:  # started by torchrun: one process per GPU, or gloo on the CPU
         if args.sample_only or args.export or args.batch_size % world_size:
-            raise SystemExit("error: torchrun only trains, with a --batch-size the processes divide")
+            raise SystemExit("error: torchrun only trains, with a --batch-size the ranks divide")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        # one store prefix per restart, or a restarted group reads dead workers' addresses (pytorch#135712)
+        # A prefix per restart, or a restarted group reads dead workers' addresses (pytorch#135712).
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"restart{restart}", next(dist.rendezvous("env://"))[0])
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
-                                world_size=world_size)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     torch.manual_seed(args.seed + rank)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer GPUs
     args.precision = pick_precision(args.precision, device)  # auto depends on the device
     try:  # the expected failures end in one line
         if args.export:  # for sampling only: EMA weights and config, a quarter the size
             ckpt = load_checkpoint(args.ckpt)[1]
-            save_checkpoint(Path(args.export), {key: ckpt[key] for key in ("ema", "config", "step", "args")})
+            kept = ("ema", "config", "step", "args")
+            save_checkpoint(Path(args.export), {key: ckpt[key] for key in kept})
             print(f"wrote {args.export}: the EMA weights of {args.ckpt} at step {ckpt['step']}")
         elif args.sample_only:
             sample_only(args, device)
@@ -618,9 +625,11 @@ def main(argv: list[str] | None = None) -> None:
             with lock_out_dir(Path(args.out)) if rank == 0 else contextlib.nullcontext():
                 train(args, device, rank, world_size)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or a CPU's RuntimeError
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate memory" not in str(e):
+        out_of_memory = isinstance(e, (torch.OutOfMemoryError, MemoryError))
+        if not out_of_memory and "allocate memory" not in str(e):
             raise
-        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or --image-size")
+        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or "
+                         f"--image-size")
     except OSError as e:  # a full disk, no write permission, ...
         raise SystemExit(f"error: {e}")
     if world_size > 1:
