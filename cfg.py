@@ -400,7 +400,7 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     if world_size > 1 and rank == 0:
         dist.barrier()
     if not classes:
-        raise SystemExit(f"error: cfg.py learns classes: {args.dataset} needs one subfolder per class")
+        raise SystemExit(f"error: cfg.py needs classes: {args.dataset}: one subfolder per class")
     if (labels < 0).any():
         print(f"left out {(labels < 0).sum().item()} image(s) directly in {args.dataset}: no class")
         images, labels = images[labels >= 0], labels[labels >= 0]
