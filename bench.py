@@ -1,9 +1,9 @@
 """Benchmark: training and sampling speed of this repo's U-Net, and of diffusers' when installed.
 
-    python bench.py                                   # 28×28 preset, batch 128, auto device and precision
-    python bench.py --precision float32               # or bfloat16, float16 (autocast, as in the scripts)
+    python bench.py                       # 28×28 preset, batch 128, auto device and precision
+    python bench.py --precision float32   # or bfloat16, float16 (autocast, as in the scripts)
     python bench.py --preset ddpm_cifar10 --device cuda --compile
-    python bench.py --check                           # the prepared GPU check: runs/gpu_check.md
+    python bench.py --check               # the prepared GPU check: runs/gpu_check.md
 
 Prints, for one preset and device: training images/s (the full step of the scripts: loss,
 backward, gradient clipping, AdamW, EMA), sampling images/s for DDPM-1000, DDIM-50 and guided
@@ -14,11 +14,12 @@ Sampling is timed over a few steps and scaled to the full step count: every step
 costs the same. If `diffusers` is installed, its UNet2DModel, configured to the same
 width, depth and attention, is measured the same way.
 
-`--check`, for whoever has a CUDA GPU for a few minutes: test_all.py's CUDA tests, then the training
-speed of every preset in bfloat16 and float16 at batch 128, as a table (images/s, utilization, peak
-memory, and the hours the DDPM paper's 800k CIFAR-10 steps would take), each row printed and appended
-to runs/gpu_check.md as it comes. Synthetic data, no download. `--check --dry-run` runs the same code
-on the CPU at toy sizes, without the CUDA tests: the test suite runs it, so the check cannot rot.
+`--check`, for whoever has a CUDA GPU for a few minutes: test_all.py's CUDA tests, then the
+training speed of every preset in bfloat16 and float16 at batch 128, as a table (images/s,
+utilization, peak memory, and the hours the DDPM paper's 800k CIFAR-10 steps would take), each row
+printed and appended to runs/gpu_check.md as it comes. Synthetic data, no download.
+`--check --dry-run` runs the same code on the CPU at toy sizes, without the CUDA tests: the test
+suite runs it, so the check cannot rot.
 """
 import argparse
 import importlib.util
@@ -37,7 +38,8 @@ import ddim
 import ddpm
 from unet import PRESETS, UNet
 
-IMAGE_SHAPES = {"small": (1, 28), "small48": (3, 32), "ddpm_cifar10": (3, 32)}  # (channels, size) each is for
+# The (channels, size) of the images each preset is for.
+IMAGE_SHAPES = {"small": (1, 28), "small48": (3, 32), "ddpm_cifar10": (3, 32)}
 PAPER_CIFAR10_STEPS, PAPER_BATCH = 800_000, 128  # Ho et al., appendix B
 
 
@@ -87,7 +89,8 @@ class DiffusersUNet(nn.Module):
             resnet_time_scale_shift="scale_shift" if preset["scale_shift"] else "default",
             num_class_embeds=num_classes + 1 if num_classes else None)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x, t, class_labels=y).sample
 
 
@@ -120,7 +123,8 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
               "train_util": train_flops / train_seconds / matmul_flops}
     if device.type == "cuda":
         result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    elif first:  # the process's peak resident memory so far (Linux: KiB): valid for the first model only
+    elif first:
+        # The process's peak resident memory so far (Linux: KiB): valid for the first model only.
         result["peak_mem_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if not sampling_too:
         return result
@@ -131,20 +135,24 @@ def measure(name: str, make_model, args, device: torch.device, matmul_flops: flo
             dtype = getattr(torch, args.precision)
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
                 sampler()
-        return batch / (seconds_per_call(run, device, args.seconds, warmup=1) / steps_timed * steps_full)
+        return batch / (seconds_per_call(run, device, args.seconds, warmup=1)
+                        / steps_timed * steps_full)
 
     shape = (batch, channels, size, size)
     timed = args.timed_steps
     result["ddpm1000_img_s"] = sampling(
         lambda: ddpm.sample(ema, ddpm.Schedule(timed, "linear", device), shape), timed, 1000)
-    result["ddim50_img_s"] = sampling(lambda: ddim.sample(ema, sched, shape, timed, eta=1.0), timed, 50)
+    result["ddim50_img_s"] = sampling(
+        lambda: ddim.sample(ema, sched, shape, timed, eta=1.0), timed, 50)
     if name.startswith("this repo"):  # guided sampling needs this repo's class-conditional U-Net
         cond = make_model(10).to(device, memory_format=memory_format).eval()
         labels = torch.arange(batch, device=device) % 10
         guided = lambda x, t: cfg.guided_eps(cond, x, t, labels, 2.0, 10)  # noqa: E731
-        result["cfg50_img_s"] = sampling(lambda: cfg.sample(guided, sched, shape, timed, eta=1.0), timed, 50)
-        forward_2b = seconds_per_call(lambda: forward_only(cond, 2 * batch, shape, device, args.precision),
-                                      device, args.seconds)
+        result["cfg50_img_s"] = sampling(
+            lambda: cfg.sample(guided, sched, shape, timed, eta=1.0), timed, 50)
+        forward_2b = seconds_per_call(
+            lambda: forward_only(cond, 2 * batch, shape, device, args.precision),
+            device, args.seconds)
         result["cfg_step_over_2b_forward"] = batch / result["cfg50_img_s"] / 50 / forward_2b
     if device.type == "cuda":  # sampling's peak too
         result["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -159,7 +167,8 @@ def forward_only(model, n: int, shape: tuple, device: torch.device, precision: s
 
 
 def check(args) -> None:
-    """--check: the CUDA tests, then a row per preset and low precision, printed and appended as it comes."""
+    """--check: the CUDA tests, then a row per preset and low precision, printed and appended as
+    it comes."""
     device = torch.device("cpu") if args.dry_run else ddpm.pick_device("cuda")
     out = Path(args.check_out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,25 +181,30 @@ def check(args) -> None:
     write(f"\n## {machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}\n")
     if args.dry_run:
         write("CUDA tests: not run (a dry run)")
-    else:  # in their own process, so that a failure or a hang there still leaves the speed rows below
+    else:
+        # In their own process, so that a failure or hang there still leaves the speed rows below.
         try:
-            tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "test_all.py"],
-                                   capture_output=True, text=True, cwd=Path(__file__).parent, timeout=240)
+            tests = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-k", "cuda", "test_all.py"],
+                capture_output=True, text=True, cwd=Path(__file__).parent, timeout=240)
             write(f"CUDA tests: {(tests.stdout.strip().splitlines() or ['no output'])[-1]}")
         except subprocess.TimeoutExpired:
             write("CUDA tests: not finished after 240 s")
-    write(f"\n| preset | precision | batch | images/s | utilization | peak memory | {PAPER_CIFAR10_STEPS:,} "
-          f"CIFAR-10 steps at batch {PAPER_BATCH} |\n|---|---|---|---|---|---|---|")
+    write(f"\n| preset | precision | batch | images/s | utilization | peak memory "
+          f"| {PAPER_CIFAR10_STEPS:,} CIFAR-10 steps at batch {PAPER_BATCH} |\n"
+          "|---|---|---|---|---|---|---|")
     for preset, settings in PRESETS.items():
         channels, size = IMAGE_SHAPES[preset]
         if args.dry_run:  # the same network at a toy width and size: seconds on a CPU, not minutes
             settings, size = {**settings, "channels": 8}, 8
         for precision in ("bfloat16", "float16"):
-            row_args = argparse.Namespace(**{**vars(args), "preset": preset, "precision": precision})
+            row_args = argparse.Namespace(
+                **{**vars(args), "preset": preset, "precision": precision})
             matmul = matmul_flops_per_second(device, getattr(torch, precision), args.seconds,
                                              64 * args.dry_run)
-            r = measure("this repo", lambda k: UNet(channels, size, **settings, num_classes=k), row_args,
-                        device, matmul, first=True, sampling_too=False, image_shape=(channels, size))
+            r = measure("this repo", lambda k: UNet(channels, size, **settings, num_classes=k),
+                        row_args, device, matmul, first=True, sampling_too=False,
+                        image_shape=(channels, size))
             hours = PAPER_CIFAR10_STEPS * PAPER_BATCH / r["train_img_s"] / 3600
             paper_hours = f"{hours:.1f} h" if preset == "ddpm_cifar10" else "—"
             write(f"| {preset} | {precision} | {args.batch_size} | {r['train_img_s']:.0f} "
@@ -204,13 +218,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
     p.add_argument("--timed-steps", type=int, default=5, help="sampler steps timed per measurement")
-    p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="autocast as in the scripts; auto: bfloat16 where native, float16 on other GPUs")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"],
+                   default="auto",
+                   help="autocast as in the scripts; auto: bfloat16 where native, "
+                        "float16 on other GPUs")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--check", action="store_true", help="the prepared GPU check (CUDA tests, every preset)")
+    p.add_argument("--check", action="store_true",
+                   help="the prepared GPU check (CUDA tests, every preset)")
     p.add_argument("--dry-run", action="store_true", help="with --check: on the CPU, at toy sizes")
-    p.add_argument("--check-out", default="runs/gpu_check.md", help="where --check appends its rows")
+    p.add_argument("--check-out", default="runs/gpu_check.md",
+                   help="where --check appends its rows")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")

@@ -1,4 +1,4 @@
-"""A small offline sample-quality measure: for Fashion-MNIST and MNIST, and for any folder of images.
+"""A small offline sample-quality measure: for Fashion-MNIST, MNIST and any folder of images.
 
 FID needs Inception-v3 weights, which need the internet and say little about small images. The idea
 here is the same with a small network trained on the spot, which maps images to 128-d features; the
@@ -19,9 +19,9 @@ under small random shifts (instance discrimination, which needs no labels): 12 s
 the 1,404 emoji of 32×32. The real images are the rest; the held-out ones are real images that the
 network never saw, like samples; --reference measures at most as many images as are held out.
 
-    python quality.py --reference --dataset data/emoji         # held-out real / blurred / noise; n 280
+    python quality.py --reference --dataset data/emoji    # held-out real / blurred / noise; n 280
     python ddim.py --sample-only --out runs/emoji --n-samples 280 --save-pngs runs/emoji/pngs
-    python quality.py runs/emoji/pngs --dataset data/emoji     # at the samples' image size
+    python quality.py runs/emoji/pngs --dataset data/emoji  # at the samples' image size
 
 Networks and real-feature statistics are cached in ~/.cache/minimal-diffusion-quality/ (a folder's
 are retrained when its file list changes). Distances are only comparable at the same number of
@@ -46,12 +46,16 @@ from ddpm import IMAGE_SUFFIXES, load_folder
 
 CACHE_DIR = Path.home() / ".cache" / "minimal-diffusion-quality"
 # Where to look without --data-dir: Debian's dataset-fashion-mnist package, and the repo's ./data
-DEFAULT_DATA_DIRS = {"fashion": ["/usr/share/datasets/fashion-mnist", "./data"], "mnist": ["./data"]}
+DEFAULT_DATA_DIRS = {"fashion": ["/usr/share/datasets/fashion-mnist", "./data"],
+                     "mnist": ["./data"]}
 TORCHVISION_NAMES = {"fashion": "FashionMNIST", "mnist": "MNIST"}  # <data-dir>/<name>/raw/
 EPOCHS, BATCH, LR, SEED = 8, 64, 2e-3, 0  # LR is the peak of a one-cycle schedule
-FOLDER_EPOCHS = 10  # on the emoji, 20 or 30 epochs memorized the images and told corruptions apart less
-SHIFT = 2  # a folder's training images move by up to this many pixels: no one pixel tells them apart
-MAX_HELD_OUT, MAX_TRAIN = 1000, 5000  # a folder's held-out part; at most MAX_TRAIN training images (time)
+# On the emoji, 20 or 30 epochs memorized the images and told corruptions apart less.
+FOLDER_EPOCHS = 10
+# A folder's training images move by up to this many pixels: no one pixel tells them apart.
+SHIFT = 2
+# A folder's held-out part has at most MAX_HELD_OUT images; training uses at most MAX_TRAIN (time).
+MAX_HELD_OUT, MAX_TRAIN = 1000, 5000
 SIZE_MULTIPLE = 4  # the training scripts' default image size for a folder is a multiple of this
 CACHE_VERSION = 1  # bump when the network or its training changes, so old caches are retrained
 
@@ -59,8 +63,9 @@ CACHE_VERSION = 1  # bump when the network or its training changes, so old cache
 
 
 def read_idx(data_dir: str | None, dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 1, 28, 28) and int64 labels of split 'train' or 't10k', from IDX files, plain
-    or gzipped, in data_dir (default: DEFAULT_DATA_DIRS) or in its torchvision layout <Name>/raw."""
+    """uint8 images (N, 1, 28, 28) and int64 labels of split 'train' or 't10k', from IDX files,
+    plain or gzipped, in data_dir (default: DEFAULT_DATA_DIRS) or in its torchvision layout
+    <Name>/raw."""
     name = TORCHVISION_NAMES[dataset]
     dirs = [data_dir] if data_dir else DEFAULT_DATA_DIRS[dataset]
     folders = [folder for d in dirs for folder in (Path(d), Path(d) / name / "raw")]
@@ -68,7 +73,8 @@ def read_idx(data_dir: str | None, dataset: str, split: str) -> tuple[torch.Tens
     def read(stem: str, header_bytes: int) -> np.ndarray:
         for path in [folder / file for folder in folders for file in (stem, stem + ".gz")]:
             if path.exists():
-                data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+                data = (gzip.decompress(path.read_bytes()) if path.suffix == ".gz"
+                        else path.read_bytes())
                 return np.frombuffer(data, dtype=np.uint8, offset=header_bytes)
         raise SystemExit(f"error: no {stem}[.gz] in {' or '.join(map(str, folders))}")
 
@@ -83,17 +89,18 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 
 
 # Fashion-MNIST's class names as cfg.py writes them into file names ("/" would make a folder)
-FASHION_CLASSES = ["T-shirt-top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_CLASSES = ["T-shirt-top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
 
 
 def read_pngs(folder: str) -> tuple[torch.Tensor, list[str | None]]:
-    """The PNGs of a --save-pngs folder as uint8 (N, 3, H, W), and the class name of each when its file
-    name is cfg.py's {class name}_{i:06d}.png (otherwise None)."""
+    """The PNGs of a --save-pngs folder as uint8 (N, 3, H, W), and the class name of each when its
+    file name is cfg.py's {class name}_{i:06d}.png (otherwise None)."""
     paths = sorted(Path(folder).glob("*.png"))
     if not paths:
         raise SystemExit(f"error: no PNG files in {folder}")
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]  # save_image writes gray as R = G = B
+    # save_image writes gray as R = G = B.
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
     if len({image.shape for image in images}) > 1:
         raise SystemExit(f"error: the PNGs in {folder} differ in size")
     matches = [re.fullmatch(r"(.+)_\d+\.png", p.name) for p in paths]
@@ -102,7 +109,7 @@ def read_pngs(folder: str) -> tuple[torch.Tensor, list[str | None]]:
 
 
 def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of a folder's held-out part (a fifth, at most MAX_HELD_OUT) and of the rest, seeded."""
+    """Seeded indices of a folder's held-out part (a fifth, at most MAX_HELD_OUT) and the rest."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(SEED))
     n_held_out = min(n // 5, MAX_HELD_OUT)
     return order[:n_held_out], order[n_held_out:]
@@ -111,14 +118,15 @@ def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Classifier(nn.Module):
-    """Three conv blocks (28 → 14 → 7 → 3 for Fashion-MNIST), a 128-d feature layer, a linear head (over
-    classes, or for instance discrimination over the training images)."""
+    """Three conv blocks (28 → 14 → 7 → 3 for Fashion-MNIST), a 128-d feature layer, a linear head
+    (over classes, or for instance discrimination over the training images)."""
 
     def __init__(self, channels: int = 1, image_size: int = 28, num_outputs: int = 10):
         super().__init__()
         widths = [(channels, 32), (32, 64), (64, 64)]
         self.conv = nn.Sequential(*[layer for c_in, c_out in widths for layer in (
-            nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))])
+            nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.MaxPool2d(2))])
         self.fc = nn.Linear(64 * (image_size // 8) ** 2, 128)
         self.head = nn.Linear(128, num_outputs)
 
@@ -153,11 +161,13 @@ def random_shift(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Ten
     return padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
 
 
-def fit(model: Classifier, images: torch.Tensor, targets: torch.Tensor, epochs: int, shift: int = 0) -> float:
+def fit(model: Classifier, images: torch.Tensor, targets: torch.Tensor, epochs: int,
+        shift: int = 0) -> float:
     """Cross-entropy with Adam and a one-cycle schedule, seeded; returns the seconds it took."""
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     steps = epochs * -(-len(images) // BATCH)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)  # warm up, anneal
+    # Warm up, then anneal.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
     gen = torch.Generator().manual_seed(SEED)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -184,35 +194,41 @@ def train_classifier(dataset: str, data_dir: str) -> dict:
     print(f"trained the {dataset} classifier on t10k ({len(images)} images, {EPOCHS} epochs) in "
           f"{train_seconds:.0f} s; accuracy on the unseen train split: {accuracy:.2%}")
     mu, sigma = gaussian(feats)
-    return dict(version=CACHE_VERSION, dataset=dataset, state_dict=model.state_dict(), mu=mu, sigma=sigma,
-                accuracy=accuracy, n_real=len(real_images))
+    return dict(version=CACHE_VERSION, dataset=dataset, state_dict=model.state_dict(), mu=mu,
+                sigma=sigma, accuracy=accuracy, n_real=len(real_images))
 
 
 def train_folder(root: Path, image_size: int) -> dict:
-    """Train on the folder less its held-out part (seeded): a classifier of its subfolders when there are
-    two or more, else instance discrimination (one output per image); keep the rest's feature statistics."""
+    """Train on the folder less its held-out part (seeded): a classifier of its subfolders when
+    there are two or more, else instance discrimination (one output per image); keep the rest's
+    feature statistics."""
     torch.manual_seed(SEED)
     images, labels, classes = load_folder(root, image_size, SIZE_MULTIPLE)
     held_out, rest = split(len(images))
     if len(classes) >= 2:
-        labelled = rest[labels[rest] >= 0][:MAX_TRAIN]  # files directly in root count in the statistics only
-        train, targets, task = images[labelled], labels[labelled], f"a classifier of {len(classes)} classes"
+        # Files directly in root count in the statistics only.
+        labelled = rest[labels[rest] >= 0][:MAX_TRAIN]
+        train, targets, task = (images[labelled], labels[labelled],
+                                f"a classifier of {len(classes)} classes")
     else:
         classes = []
         train, task = images[rest[:MAX_TRAIN]], "instance discrimination"
         targets = torch.arange(len(train))
-    network = dict(channels=images.shape[1], image_size=image_size, num_outputs=len(classes) or len(train))
+    network = dict(channels=images.shape[1], image_size=image_size,
+                   num_outputs=len(classes) or len(train))
     model = Classifier(**network)
     train_seconds = fit(model, train, targets, FOLDER_EPOCHS, SHIFT)
-    line = (f"trained the feature network for {root}, {task}, on {len(train)} images of {image_size}×"
-            f"{image_size} ({FOLDER_EPOCHS} epochs) in {train_seconds:.0f} s")
+    line = (f"trained the feature network for {root}, {task}, on {len(train)} images of "
+            f"{image_size}×{image_size} ({FOLDER_EPOCHS} epochs) in {train_seconds:.0f} s")
     if classes:
         preds = run_classifier(model, images[held_out])[1]
-        line += f"; accuracy on the held-out images: {(preds == labels[held_out]).double().mean().item():.2%}"
+        line += ("; accuracy on the held-out images: "
+                 f"{(preds == labels[held_out]).double().mean().item():.2%}")
     print(line)
     mu, sigma = gaussian(run_classifier(model, images[rest])[0])
-    return dict(version=CACHE_VERSION, dataset=str(root.resolve()), network=network, classes=classes,
-                state_dict=model.state_dict(), mu=mu, sigma=sigma, n_real=len(rest))
+    return dict(version=CACHE_VERSION, dataset=str(root.resolve()), network=network,
+                classes=classes, state_dict=model.state_dict(), mu=mu, sigma=sigma,
+                n_real=len(rest))
 
 
 def folder_digest(root: Path, image_size: int) -> str:
@@ -232,7 +248,8 @@ def load(dataset: str = "fashion", data_dir: str | None = None, cache: str | Non
         name, digest, default = dataset, None, f"{dataset}_classifier.pt"
     else:
         name, digest = str(Path(dataset).resolve()), folder_digest(Path(dataset), image_size)
-        default = f"folder_{Path(name).name}_{hashlib.sha1(name.encode()).hexdigest()[:8]}_{image_size}px.pt"
+        default = (f"folder_{Path(name).name}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+                   f"_{image_size}px.pt")
     path = Path(cache) if cache else CACHE_DIR / default
     ckpt = torch.load(path, weights_only=True) if path.exists() else None
     if ckpt is not None and ckpt.get("dataset") != name:
@@ -252,10 +269,11 @@ def load(dataset: str = "fashion", data_dir: str | None = None, cache: str | Non
 # ----------------------------------------------------------------------------- the measure
 
 
-def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
+def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor,
+                     s2: torch.Tensor) -> float:
     """‖μ1 − μ2‖² + tr(Σ1) + tr(Σ2) − 2 tr((Σ1 Σ2)^½), in float64. tr((Σ1 Σ2)^½) is computed as
-    tr((Σ1^½ Σ2 Σ1^½)^½), the same eigenvalues but of a symmetric PSD matrix, so eigh is exact enough
-    (tiny negative eigenvalues from rounding are clipped to 0)."""
+    tr((Σ1^½ Σ2 Σ1^½)^½), the same eigenvalues but of a symmetric PSD matrix, so eigh is exact
+    enough (tiny negative eigenvalues from rounding are clipped to 0)."""
     evals, evecs = torch.linalg.eigh(s1)
     sqrt_s1 = evecs @ torch.diag(evals.clamp(min=0).sqrt()) @ evecs.T
     cross = torch.linalg.eigvalsh(sqrt_s1 @ s2 @ sqrt_s1).clamp(min=0).sqrt().sum()
@@ -263,12 +281,13 @@ def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2:
 
 
 def measure(images: torch.Tensor | np.ndarray, labels: torch.Tensor | None = None, *,
-            dataset: str = "fashion", data_dir: str | None = None, cache: str | None = None) -> dict:
-    """Quality of samples (N, C, H, W) or gray (N, H, W): uint8 in [0, 255], or float in [0, 1] (what the
-    samplers return; quantized like save_image, so a PNG folder and its tensor score the same). dataset:
-    fashion or mnist (28×28), or a folder (measured at the samples' size). Returns n, the Fréchet distance
-    to the real images, and with labels (the intended classes) the fraction classified as intended,
-    overall and per class."""
+            dataset: str = "fashion", data_dir: str | None = None,
+            cache: str | None = None) -> dict:
+    """Quality of samples (N, C, H, W) or gray (N, H, W): uint8 in [0, 255], or float in [0, 1]
+    (what the samplers return; quantized like save_image, so a PNG folder and its tensor score the
+    same). dataset: fashion or mnist (28×28), or a folder (measured at the samples' size). Returns
+    n, the Fréchet distance to the real images, and with labels (the intended classes) the fraction
+    classified as intended, overall and per class."""
     images = torch.as_tensor(images)
     if images.is_floating_point():
         if images.min() < -0.05:
@@ -277,9 +296,11 @@ def measure(images: torch.Tensor | np.ndarray, labels: torch.Tensor | None = Non
     if images.ndim == 3:
         images = images[:, None]
     if len(images) < 2:
-        raise ValueError("need at least 2 samples for a covariance (and far more for a useful distance)")
+        raise ValueError("need at least 2 samples for a covariance "
+                         "(and far more for a useful distance)")
     model, ref = load(dataset, data_dir, cache, images.shape[-1])
-    if images.shape[1] == 3 and model.conv[0].in_channels == 1:  # save_image writes gray as R = G = B
+    # save_image writes gray as R = G = B.
+    if images.shape[1] == 3 and model.conv[0].in_channels == 1:
         images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
     feats, preds = run_classifier(model, images)
     mu, sigma = gaussian(feats)
@@ -288,7 +309,8 @@ def measure(images: torch.Tensor | np.ndarray, labels: torch.Tensor | None = Non
         labels = torch.as_tensor(labels)
         hit = (preds == labels).double()
         result["label_acc"] = hit.mean().item()
-        result["label_acc_per_class"] = {c: hit[labels == c].mean().item() for c in labels.unique().tolist()}
+        result["label_acc_per_class"] = {c: hit[labels == c].mean().item()
+                                         for c in labels.unique().tolist()}
     return result
 
 
@@ -301,18 +323,21 @@ def describe(name: str, r: dict) -> str:
     return line
 
 
-def reference_cases(dataset: str, data_dir: str | None, cache: str | None, n: int,
-                    image_size: int | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    """(name, images, labels) of n real images, the same blurred by a 3×3 box filter, and uniform noise.
-    Fashion-MNIST/MNIST: test images (which the classifier trained on) and unseen train images. A folder
-    (at image_size, default as the training scripts choose it): images the network trained on and
-    held-out images (unseen, like samples), at most as many as are held out."""
+def reference_cases(
+    dataset: str, data_dir: str | None, cache: str | None, n: int, image_size: int | None = None
+) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(name, images, labels) of n real images, the same blurred by a 3×3 box filter, and uniform
+    noise. Fashion-MNIST/MNIST: test images (which the classifier trained on) and unseen train
+    images. A folder (at image_size, default as the training scripts choose it): images the network
+    trained on and held-out images (unseen, like samples), at most as many as are held out."""
     gen = torch.Generator().manual_seed(SEED)
     if dataset in TORCHVISION_NAMES:
-        load(dataset, data_dir, cache)  # train first: the timings of measure() are then of measuring alone
+        # Train first: the timings of measure() are then of measuring alone.
+        load(dataset, data_dir, cache)
         test, test_labels = read_idx(data_dir, dataset, "t10k")
         train, train_labels = read_idx(data_dir, dataset, "train")
-        i, j = torch.randperm(len(test), generator=gen)[:n], torch.randperm(len(train), generator=gen)[:n]
+        i, j = (torch.randperm(len(test), generator=gen)[:n],
+                torch.randperm(len(train), generator=gen)[:n])
         cases = [("real test images (seen in training)", test[i], test_labels[i]),
                  ("real train images (unseen)", train[j], train_labels[j])]
     else:
@@ -332,7 +357,8 @@ def reference_cases(dataset: str, data_dir: str | None, cache: str | None, n: in
 
 def reference(args) -> None:
     """The distances of reference_cases, args.n (default 1,000) images each."""
-    cases = reference_cases(args.dataset, args.data_dir, args.cache, args.n or 1000, args.image_size)
+    cases = reference_cases(args.dataset, args.data_dir, args.cache, args.n or 1000,
+                            args.image_size)
     n, size = len(cases[-1][1]), cases[-1][1].shape[-1]
     print(f"n = {n} images each, {size}×{size}: compare samples at the same n (--n-samples {n}, "
           f"or --n {n} here); the distance grows as n shrinks")
@@ -343,16 +369,22 @@ def reference(args) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="*", metavar="DIR", help="folders of PNGs written by --save-pngs")
-    p.add_argument("--dataset", default="fashion", help="fashion (default), mnist, or a folder of images")
+    p.add_argument("--dataset", default="fashion",
+                   help="fashion (default), mnist, or a folder of images")
     p.add_argument("--data-dir", help="IDX files, plain or in torchvision's <Name>/raw layout "
-                   "(default: /usr/share/datasets/fashion-mnist or ./data for fashion, ./data for mnist)")
+                   "(default: /usr/share/datasets/fashion-mnist or ./data for fashion, "
+                   "./data for mnist)")
     p.add_argument("--cache", help=f"network file (default in {CACHE_DIR})")
-    p.add_argument("--reference", action="store_true", help="distances of real, blurred and noise images")
-    p.add_argument("--n", type=int, help="measure the first N PNGs of each DIR (default all); --reference: "
+    p.add_argument("--reference", action="store_true",
+                   help="distances of real, blurred and noise images")
+    p.add_argument("--n", type=int,
+                   help="measure the first N PNGs of each DIR (default all); --reference: "
                    "N images each (default 1000; a folder: at most its held-out fifth)")
-    p.add_argument("--image-size", type=int, help="a folder's image size for --reference (default: as the "
+    p.add_argument("--image-size", type=int,
+                   help="a folder's image size for --reference (default: as the "
                    "training scripts choose it); DIRs are measured at their own size")
     args = p.parse_args()
     if not args.dirs and not args.reference:
@@ -366,7 +398,9 @@ if __name__ == "__main__":
         images, names = read_pngs(folder)
         images, names = images[:args.n], names[:args.n]
         ref = load(args.dataset, args.data_dir, args.cache, images.shape[-1])[1]
-        classes = ref.get("classes", FASHION_CLASSES)  # cfg.py's file names give the intended classes
-        labels = torch.tensor([classes.index(name) for name in names]) if set(names) <= set(classes) else None
+        # cfg.py's file names give the intended classes.
+        classes = ref.get("classes", FASHION_CLASSES)
+        labels = (torch.tensor([classes.index(name) for name in names])
+                  if set(names) <= set(classes) else None)
         r = measure(images, labels, dataset=args.dataset, data_dir=args.data_dir, cache=args.cache)
         print(f"{describe(folder, r)}  [{time.perf_counter() - start:.2f} s]")

@@ -1,4 +1,5 @@
-"""Tests: the math checked exactly with closed-form denoisers (no training), then the scripts end to end.
+"""Tests: the math checked exactly with closed-form denoisers (no training), then the scripts
+end to end.
 
 Run: python -m pytest -q test_all.py        (under ~3 minutes on 2 CPU cores)
 """
@@ -31,7 +32,8 @@ import unet
 from unet import PRESETS, UNet, timestep_embedding
 
 ROOT = Path(__file__).resolve().parent
-FLOAT32 = torch.amp.GradScaler("cpu", enabled=False)  # train_step's loss scaler, off: float32 needs none
+# train_step's loss scaler, off: float32 needs none.
+FLOAT32 = torch.amp.GradScaler("cpu", enabled=False)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -44,7 +46,8 @@ def gaussian_eps(sched, mu, s):
     """
     def model(x, t, y=None):
         alpha_bar = sched.alpha_bar[t].reshape(-1, *[1] * (x.ndim - 1))
-        return (1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * mu) / (alpha_bar * s**2 + 1 - alpha_bar)
+        return ((1 - alpha_bar).sqrt() * (x - alpha_bar.sqrt() * mu)
+                / (alpha_bar * s**2 + 1 - alpha_bar))
     return model
 
 
@@ -78,7 +81,8 @@ def write_idx_dataset(root: Path, n: int = 64, folder: str = "MNIST", seed: int 
     return root
 
 
-def run_script(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(*args: str, env_extra: dict | None = None,
+               timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -106,7 +110,7 @@ def one_line_error(script, args: list[str], capsys) -> str:
     return message
 
 
-# ----------------------------------------------------------------------------- schedule, forward process
+# ------------------------------------------------------------------------ schedule, forward process
 
 def test_linear_schedule_matches_paper():
     sched = ddpm.Schedule(1000, "linear")
@@ -140,7 +144,8 @@ def test_q_sample_has_the_right_moments():
 def test_loss_samples_every_timestep_including_zero(monkeypatch):
     sched = ddpm.Schedule(10, "linear")
     seen = []
-    ddpm.diffusion_loss(lambda x, t: seen.append(t) or torch.zeros_like(x), sched, torch.zeros(4000, 1, 1, 1))
+    ddpm.diffusion_loss(lambda x, t: seen.append(t) or torch.zeros_like(x), sched,
+                        torch.zeros(4000, 1, 1, 1))
     assert set(seen[0].tolist()) == set(range(10))
 
 
@@ -167,8 +172,9 @@ def test_sampler_detects_a_wrong_model():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
 def test_a_v_prediction_network_samples_as_its_eps_network(script, schedule):
-    """--prediction v: each sampler turns the network's v back into ε. Given the exact v of the exact ε
-    (the closed-form predictor for N(mu, s²)), it must draw the same samples, noise for noise."""
+    """--prediction v: each sampler turns the network's v back into ε. Given the exact v of the
+    exact ε (the closed-form predictor for N(mu, s²)), it must draw the same samples, noise for
+    noise."""
     module = {"ddpm": ddpm, "ddim": ddim, "cfg": cfg}[script]
     sched = module.Schedule(1000, schedule)
     model = gaussian_eps(sched, 0.3, 0.2)
@@ -207,8 +213,8 @@ def test_the_v_loss_is_the_min_snr_weighted_mse_of_v():
 
 
 def test_sampler_calls_back_each_step_and_adds_no_noise_at_the_end():
-    """callback(t, x, x̂0) after each step, t = T-1..0; the last step returns its x̂0, with no noise.
-    The plumbing's callback keeps 50 of the x as GIF frames, the last one the sample."""
+    """callback(t, x, x̂0) after each step, t = T-1..0; the last step returns its x̂0, with no
+    noise. The plumbing's callback keeps 50 of the x as GIF frames, the last one the sample."""
     sched = ddpm.Schedule(100, "linear")
     model = gaussian_eps(sched, 0.0, 0.5)
     calls = []
@@ -256,7 +262,7 @@ def test_unet_rejects_an_image_size_it_cannot_halve():
 
 
 def test_short_training_lowers_the_loss():
-    """40 steps of a narrow U-Net on 8 squares of 16×16 (28×28 and the small preset: 8× the time)."""
+    """40 steps of a narrow U-Net on 8 squares of 16×16 (28×28, small preset: 8× the time)."""
     torch.manual_seed(0)
     x0 = torch.zeros(8, 1, 16, 16) - 1
     for i in range(8):
@@ -286,10 +292,11 @@ def test_data_is_loaded_through_torchvision_and_scaled_to_minus_one_one(tiny_dat
     assert (is_flipped | is_same).all() and 0.3 < is_flipped.float().mean() < 0.7
 
 
-# ----------------------------------------------------------------------------- command line, end to end
+# ------------------------------------------------------------------------- command line, end to end
 
 def test_cli_train_resume_sample_only(tiny_data, tmp_path):
-    """In this process: the command line itself is run as a subprocess by ddpm_ckpt and test_cli_train."""
+    """In this process: the command line itself is run as a subprocess by ddpm_ckpt and
+    test_cli_train."""
     out = tmp_path / "run"
     common = [*FAST, "--data-dir", str(tiny_data), "--out", str(out)]
     ddpm.main([*common, "--max-steps", "3"])
@@ -301,7 +308,8 @@ def test_cli_train_resume_sample_only(tiny_data, tmp_path):
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 5
 
-    # Five steps in one go give the same weights: step count, warmup, EMA, data order and noise resumed.
+    # Five steps in one go give the same weights:
+    # step count, warmup, EMA, data order and noise resumed.
     straight = tmp_path / "straight"
     ddpm.main([*FAST, "--data-dir", str(tiny_data), "--out", str(straight), "--max-steps", "5"])
     reference = torch.load(straight / "ckpt.pt", weights_only=True)
@@ -411,10 +419,13 @@ def test_the_samplers_draw_a_2d_gaussian_outside_minus_one_one_with_the_clip_off
         if sampler == "ddpm":
             return ddpm.sample(eps_theta, sched, (20000, 2), generator=generator, clip=clip)
         if sampler == "cfg":  # the same ε for every label: guidance changes nothing
-            guided = lambda x, t: cfg.guided_eps(eps_theta, x, t, torch.zeros(len(x)), 2.0, 1)  # noqa: E731
-            return cfg.sample(guided, sched, (20000, 2), 1000, eta=1.0, generator=generator, clip=clip)
+            guided = lambda x, t: cfg.guided_eps(  # noqa: E731
+                eps_theta, x, t, torch.zeros(len(x)), 2.0, 1)
+            return cfg.sample(guided, sched, (20000, 2), 1000, eta=1.0, generator=generator,
+                              clip=clip)
         eta = 0.0 if sampler == "ddim η=0" else 1.0
-        return ddim.sample(eps_theta, sched, (20000, 2), 1000, eta=eta, generator=generator, clip=clip)
+        return ddim.sample(eps_theta, sched, (20000, 2), 1000, eta=eta, generator=generator,
+                           clip=clip)
 
     x = draw(clip=False)
     assert x.shape == (20000, 2)
@@ -430,7 +441,8 @@ def test_slerp_works_on_any_shape():
         mid = ddim.slerp(a, b, 0.5)
         assert mid.shape == a.shape and torch.allclose(ddim.slerp(a, b, 1.0), b, atol=1e-5)
         expected = (a.flatten(1).norm(dim=1) + b.flatten(1).norm(dim=1)) / 2
-        assert (mid.flatten(1).norm(dim=1) / expected).min() > 0.6  # a straight line would dip lower
+        # A straight line would dip lower.
+        assert (mid.flatten(1).norm(dim=1) / expected).min() > 0.6
 
 
 def test_ddim_sampler_detects_a_wrong_model():
@@ -440,7 +452,8 @@ def test_ddim_sampler_detects_a_wrong_model():
 
 
 def float64_linear_schedule(T: int) -> ddpm.Schedule:
-    """ddpm.Schedule with its float64 values kept, for comparisons that float32 rounding would blur."""
+    """ddpm.Schedule with its float64 values kept, for comparisons that float32 rounding would
+    blur."""
     sched = ddpm.Schedule(T, "linear")
     betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     sched.betas, sched.alphas, sched.alpha_bar = betas, 1 - betas, torch.cumprod(1 - betas, 0)
@@ -453,26 +466,32 @@ def alpha_bar_before(sched, t: int) -> torch.Tensor:
 
 
 def ancestral_with_posterior_variance(model, sched, shape, generator):
-    """Algorithm 2 with σ_t² = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t), written out here as a reference."""
+    """Algorithm 2 with σ_t² = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t), written out here as a
+    reference."""
     x = torch.randn(shape, generator=generator)
     for t in range(sched.T - 1, -1, -1):
-        beta, alpha_bar, alpha_bar_prev = sched.betas[t], sched.alpha_bar[t], alpha_bar_before(sched, t)
+        beta, alpha_bar, alpha_bar_prev = (sched.betas[t], sched.alpha_bar[t],
+                                           alpha_bar_before(sched, t))
         eps = model(x, torch.full((shape[0],), t)).float()
         x0_hat = ((x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()).clamp(-1, 1)
-        x = (alpha_bar_prev.sqrt() * beta * x0_hat + (1 - beta).sqrt() * (1 - alpha_bar_prev) * x) / (1 - alpha_bar)
+        x = ((alpha_bar_prev.sqrt() * beta * x0_hat + (1 - beta).sqrt() * (1 - alpha_bar_prev) * x)
+             / (1 - alpha_bar))
         if t > 0:
-            x = x + (beta * (1 - alpha_bar_prev) / (1 - alpha_bar)).sqrt() * torch.randn(shape, generator=generator)
+            x = x + ((beta * (1 - alpha_bar_prev) / (1 - alpha_bar)).sqrt()
+                     * torch.randn(shape, generator=generator))
     return x
 
 
 def test_all_steps_with_eta_1_is_ddpm_with_posterior_variance():
-    """S = T, η = 1: eq. 12 with σ of eq. 16 is DDPM's step with σ² = β̃, the same noise in the same order."""
+    """S = T, η = 1: eq. 12 with σ of eq. 16 is DDPM's step with σ² = β̃, the same noise in the
+    same order."""
     shape = (256, 1, 4, 4)
 
     def both(sched):
         model = gaussian_eps(sched, 0.3, 0.2)
         a = ancestral_with_posterior_variance(model, sched, shape, torch.Generator().manual_seed(3))
-        b = ddim.sample(model, sched, shape, sched.T, eta=1.0, generator=torch.Generator().manual_seed(3))
+        b = ddim.sample(model, sched, shape, sched.T, eta=1.0,
+                        generator=torch.Generator().manual_seed(3))
         return a, b
 
     # float32 as used: the two formulas round differently, most where 1 − ᾱ_t/ᾱ_{t-1} (ddim) stands
@@ -491,7 +510,8 @@ def test_all_steps_with_eta_1_is_ddpm_with_posterior_variance():
 
 def test_algorithm_2_is_the_posterior_mean_of_the_clipped_x0_hat():
     """With x̂0 clipped and ε̂ re-derived, Algorithm 2's step is eq. 7's μ̃_t(x_t, x̂0) + σ_t z, the
-    official code's form: in float64, for random x_t and random ε̂ (large, so that the clip acts)."""
+    official code's form: in float64, for random x_t and random ε̂ (large, so that the clip
+    acts)."""
     shape = (64, 1, 2, 2)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -502,9 +522,11 @@ def test_algorithm_2_is_the_posterior_mean_of_the_clipped_x0_hat():
         x_t, errors, clipped = [torch.randn(shape, generator=noise)], [], []
 
         def check(t, x, x0_hat):
-            alpha_bar, alpha_bar_prev, beta = sched.alpha_bar[t], alpha_bar_before(sched, t), sched.betas[t]
+            alpha_bar, alpha_bar_prev, beta = (sched.alpha_bar[t], alpha_bar_before(sched, t),
+                                               sched.betas[t])
+            # The posterior mean of eq. 7.
             mean = (alpha_bar_prev.sqrt() * beta * x0_hat
-                    + sched.alphas[t].sqrt() * (1 - alpha_bar_prev) * x_t[-1]) / (1 - alpha_bar)  # eq. 7
+                    + sched.alphas[t].sqrt() * (1 - alpha_bar_prev) * x_t[-1]) / (1 - alpha_bar)
             z = torch.randn(shape, generator=noise) if t > 0 else 0
             errors.append((x - beta.sqrt() * z - mean).abs().max().item())
             clipped.append((x0_hat.abs() == 1).float().mean().item())
@@ -521,11 +543,14 @@ def test_eta_0_is_deterministic_given_x_T():
     sched = ddpm.Schedule(100, "linear")
     model = gaussian_eps(sched, 0.3, 0.2)
     x_T = torch.randn(8, 1, 4, 4)
-    a = ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(1))
-    b = ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    a = ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T,
+                    generator=torch.Generator().manual_seed(1))
+    b = ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T,
+                    generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     frames = []
-    ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T, callback=ddim.sampling_callback(10, frames))
+    ddim.sample(model, sched, x_T.shape, 10, eta=0.0, x_T=x_T,
+                callback=ddim.sampling_callback(10, frames))
     assert len(frames) == 10 and torch.equal(frames[-1], a)
 
 
@@ -549,7 +574,7 @@ def test_slerp_keeps_the_norm_of_gaussian_latents():
     assert torch.allclose(ddim.slerp(a, a, 0.3), a, atol=1e-6)  # parallel latents: no 0/0
 
 
-# ----------------------------------------------------------------------------- command line, end to end
+# ------------------------------------------------------------------------- command line, end to end
 
 @pytest.fixture(scope="module")
 def ddpm_ckpt(tiny_data, tmp_path_factory):
@@ -562,7 +587,8 @@ def ddpm_ckpt(tiny_data, tmp_path_factory):
 
 
 def test_cli_train(tiny_data, tmp_path):
-    r = run_script("ddim.py", *FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path), "--max-steps", "2")
+    r = run_script("ddim.py", *FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path),
+                   "--max-steps", "2")
     assert r.returncode == 0, r.stderr
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "reverse.gif").is_file()
@@ -570,10 +596,12 @@ def test_cli_train(tiny_data, tmp_path):
 
 def test_cli_sample_only_a_ddpm_checkpoint(ddpm_ckpt, tmp_path):
     pngs = tmp_path / "pngs"
-    ddim.main([*FAST, "--sample-only", "--ckpt", str(ddpm_ckpt), "--out", str(tmp_path), "--n-samples", "3",
-               "--save-pngs", str(pngs), "--sample-steps", "5", "--eta", "0.5", "--skip", "quad"])
+    ddim.main([*FAST, "--sample-only", "--ckpt", str(ddpm_ckpt), "--out", str(tmp_path),
+               "--n-samples", "3", "--save-pngs", str(pngs), "--sample-steps", "5", "--eta", "0.5",
+               "--skip", "quad"])
     assert len(list(pngs.glob("*.png"))) == 3 and (tmp_path / "samples.png").is_file()
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["samples.png"]  # no picture unasked for
+    # No picture unasked for.
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["samples.png"]
 
 
 def test_cli_invert_and_interpolate(ddpm_ckpt, tiny_data, tmp_path, capsys):
@@ -647,7 +675,8 @@ def tilted_eps(sched, c: int, w: float):
             alpha_bar = sched.alpha_bar[t][:, None, None, None].double()
             var = alpha_bar * S**2 + 1 - alpha_bar
             log_p_class = torch.stack([-(x - alpha_bar.sqrt() * m) ** 2 / (2 * var) for m in MEANS])
-            log_p = log_p_class.logsumexp(0)  # p_t(x) up to constants: equal priors, equal variances
+            # p_t(x) up to constants: equal priors, equal variances.
+            log_p = log_p_class.logsumexp(0)
             score, = torch.autograd.grad(((1 + w) * log_p_class[c] - w * log_p).sum(), x)
         return -(1 - alpha_bar).sqrt() * score
     return eps
@@ -659,7 +688,8 @@ def sched():
 
 
 def test_guided_eps_is_the_tilted_score(sched):
-    """CFG eq. 6 on exact ε(x, c) and ε(x, ∅) is the score of p(x|c)^{1+w} p(x)^{−w}: sign, factors, ∅."""
+    """CFG eq. 6 on exact ε(x, c) and ε(x, ∅) is the score of p(x|c)^{1+w} p(x)^{−w}: sign,
+    factors, ∅."""
     model = mixture_eps(sched, MEANS, S)
     x = torch.linspace(-2, 2, 41).view(-1, 1, 1, 1)
     for t_value in (0, 100, 500, 999):
@@ -671,7 +701,8 @@ def test_guided_eps_is_the_tilted_score(sched):
         for c in (0, 1):
             for w in (0.0, 0.5, 2.0):
                 eps_tilde = cfg.guided_eps(model, x, t, torch.full_like(t, c), w, NULL)
-                torch.testing.assert_close(eps_tilde.double(), tilted_eps(sched, c, w)(x, t), **close)
+                torch.testing.assert_close(eps_tilde.double(), tilted_eps(sched, c, w)(x, t),
+                                           **close)
 
 
 # ----------------------------------------------------------------------------- samplers, exactly
@@ -679,8 +710,8 @@ def test_guided_eps_is_the_tilted_score(sched):
 def two_class_samples(sched, w: float, steps: int, eta: float) -> list[torch.Tensor]:
     """2000 × 16 values per class from cfg.sample with the exact mixture model, guided with w."""
     y = torch.arange(4000) % 2
-    x = cfg.sample(guided(mixture_eps(sched, MEANS, S), y, w), sched, (4000, 1, 4, 4), steps, eta=eta,
-                   generator=torch.Generator().manual_seed(0))
+    x = cfg.sample(guided(mixture_eps(sched, MEANS, S), y, w), sched, (4000, 1, 4, 4), steps,
+                   eta=eta, generator=torch.Generator().manual_seed(0))
     return [x[y == c] for c in (0, 1)]
 
 
@@ -689,7 +720,8 @@ def ddim_gain(sched, steps: int) -> float:
     k = (√(ᾱ'ᾱ) s² + √((1−ᾱ')(1−ᾱ))) / (ᾱ s² + 1 − ᾱ) ≤ √(v_{t'}/v_t) (Cauchy-Schwarz): each finite
     step shrinks the spread a little. The output std is Π k, below S for any finite step count."""
     grid = torch.linspace(sched.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-    alpha_bar = torch.cat([sched.alpha_bar.double(), torch.ones(1, dtype=torch.float64)])  # [-1] = 1
+    # alpha_bar[-1] = 1.
+    alpha_bar = torch.cat([sched.alpha_bar.double(), torch.ones(1, dtype=torch.float64)])
     gain = 1.0
     for t, t_prev in zip(grid, grid[1:] + [-1]):
         a, a_prev = alpha_bar[t], alpha_bar[t_prev]
@@ -704,7 +736,8 @@ def test_unguided_samples_match_each_class(sched):
     for c, x in enumerate(two_class_samples(sched, 0.0, sched.T, eta=1.0)):
         assert x.mean().item() == pytest.approx(MEANS[c], abs=0.005)
         assert x.std().item() == pytest.approx(S, abs=0.005)
-    # Strided η=0, 50 steps: the mean is right and the std is DDIM's exact Π k (0.127 here, not 0.15).
+    # Strided η=0, 50 steps: the mean is right and the std is DDIM's exact Π k
+    # (0.127 here, not 0.15).
     for c, x in enumerate(two_class_samples(sched, 0.0, 50, eta=0.0)):
         assert x.mean().item() == pytest.approx(MEANS[c], abs=0.005)
         assert x.std().item() == pytest.approx(ddim_gain(sched, 50), abs=0.003)
@@ -715,12 +748,14 @@ def strided_reference(sched, c: int, w: float, steps: int, n: int = 4001) -> tup
 
     The sampler is a deterministic map of x_T ~ N(0, 1), so its moments are integrals over x_T:
     push n equal-probability quantiles of N(0, 1) through the map. The map is the same update as
-    cfg.sample at η = 0 (clipped x̂0, ε re-derived), but ε̃ comes from tilted_eps, not from guided_eps.
+    cfg.sample at η = 0 (clipped x̂0, ε re-derived), but ε̃ comes from tilted_eps, not from
+    guided_eps.
     """
     quantiles = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     x = torch.distributions.Normal(0.0, 1.0).icdf(quantiles).view(-1, 1, 1, 1)
     grid = torch.linspace(sched.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-    alpha_bar = torch.cat([sched.alpha_bar.double(), torch.ones(1, dtype=torch.float64)])  # [-1] = 1
+    # alpha_bar[-1] = 1.
+    alpha_bar = torch.cat([sched.alpha_bar.double(), torch.ones(1, dtype=torch.float64)])
     eps_fn = tilted_eps(sched, c, w)
     for t, t_prev in zip(grid, grid[1:] + [-1]):
         a, a_prev = alpha_bar[t], alpha_bar[t_prev]
@@ -732,7 +767,8 @@ def strided_reference(sched, c: int, w: float, steps: int, n: int = 4001) -> tup
 
 
 def test_guidance_pushes_samples_away_from_the_other_class(sched):
-    """w = 2 moves each class's samples away from the other class, by what the tilted score predicts.
+    """w = 2 moves each class's samples away from the other class, by what the tilted score
+    predicts.
 
     Not towards p(x|c)^{1+w}/p(x)^w at t = 0: there the classes barely overlap, p(x) ≈ p(x|c)/2
     near m_c, and that density's mean is 0.5005, not the 0.61 the 50-step η = 0 sampler reaches.
@@ -795,13 +831,14 @@ def test_guidance_is_one_forward_pass_of_2b_per_step(steps, eta):
     assert len(frames) == len(calls) and torch.equal(frames[-1], x)  # under 50 steps: a frame each
     assert all(n == 6 and labels == [0, 1, 1, NULL, NULL, NULL] for n, _, labels in calls)
     # The grid starts at T−1, ends at t = 0 and never repeats a timestep.
-    assert timesteps[0] == sched.T - 1 and timesteps[-1] == 0 and timesteps == sorted(set(timesteps))[::-1]
+    assert (timesteps[0] == sched.T - 1 and timesteps[-1] == 0
+            and timesteps == sorted(set(timesteps))[::-1])
     calls.clear()  # w = 0 needs the conditional half only
     cfg.sample(guided(model, y, 0.0), sched, (3, 1, 2, 2), steps, eta=eta)
     assert all(n == 3 and labels == [0, 1, 1] for n, _, labels in calls)
 
 
-# ----------------------------------------------------------------------------- command line, end to end
+# ------------------------------------------------------------------------- command line, end to end
 
 @pytest.fixture(scope="module")
 def cfg_run(tiny_data, tmp_path_factory):
@@ -810,8 +847,8 @@ def cfg_run(tiny_data, tmp_path_factory):
     T = 2 keeps the guidance sweep (5 × 30 guided samples) quick: 5 s here, 10 s at T = 4.
     """
     out = tmp_path_factory.mktemp("cfg_run")
-    r = run_script("cfg.py", *FAST, "--timesteps", "2", "--data-dir", str(tiny_data), "--out", str(out),
-                   "--max-steps", "2")
+    r = run_script("cfg.py", *FAST, "--timesteps", "2", "--data-dir", str(tiny_data),
+                   "--out", str(out), "--max-steps", "2")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -823,20 +860,23 @@ def test_cli_train_then_sample_a_class(cfg_run, tiny_data, tmp_path):
     # Guidance sweep: 5 rows (w) × 10 columns (classes) of 28×28 images with 2-pixel padding.
     assert Image.open(cfg_run / "guidance_sweep.png").size == (3 * 10 * 30 + 2, 5 * 30 + 2)
 
-    common = ["--device", "cpu", "--out", str(tmp_path), "--ckpt", str(cfg_run / "ckpt.pt"), "--sample-only"]
+    common = ["--device", "cpu", "--out", str(tmp_path), "--ckpt", str(cfg_run / "ckpt.pt"),
+              "--sample-only"]
     cfg.main([*common, "--class", "3", "--n-samples", "5", "--sample-steps", "2",
               "--save-pngs", str(tmp_path / "three")])
     names = sorted(p.name for p in (tmp_path / "three").glob("*.png"))
     assert names == [f"3 - three_{i:06d}.png" for i in range(5)]  # --save-pngs names files by class
     assert (tmp_path / "samples.png").is_file() and not (tmp_path / "guidance_sweep.png").exists()
 
-    cfg.main([*common, "--n-samples", "12", "--save-pngs", str(tmp_path / "all"), "--sweep"])  # classes in turn
+    # The samples take the classes in turn.
+    cfg.main([*common, "--n-samples", "12", "--save-pngs", str(tmp_path / "all"), "--sweep"])
     assert Image.open(tmp_path / "guidance_sweep.png").size == (3 * 10 * 30 + 2, 5 * 30 + 2)
     names = {p.name for p in (tmp_path / "all").glob("*.png")}
     assert names == {f"{ckpt['config']['classes'][i % 10]}_{i:06d}.png" for i in range(12)}
 
 
-@pytest.mark.parametrize("case", ["class-train", "class-sample", "ddpm-checkpoint", "steps-above-T"])
+@pytest.mark.parametrize("case", ["class-train", "class-sample", "ddpm-checkpoint",
+                                  "steps-above-T"])
 def test_cfg_cli_bad_input_is_one_clear_error(case, cfg_run, tiny_data, tmp_path, capsys):
     args = [*FAST, "--data-dir", str(tiny_data), "--out", str(tmp_path)]
     if case == "class-train":  # the tiny dataset has classes 0..9
@@ -859,10 +899,11 @@ def test_p_uncond_must_be_a_probability(p_uncond, capsys):
     assert exit_info.value.code != 0 and "error: --p-uncond" in capsys.readouterr().err
 
 
-# ============================================================================= one text, three scripts
+# ========================================================================== one text, three scripts
 
-# The scaffolding is repeated on purpose, so that `diff ddpm.py ddim.py` shows only what DDIM changes
-# and `diff ddim.py cfg.py` only guidance. This keeps it so: it names the function that drifted.
+# The scaffolding is repeated on purpose, so that `diff ddpm.py ddim.py` shows only what DDIM
+# changes and `diff ddim.py cfg.py` only guidance. This keeps it so: it names the function that
+# drifted.
 SHARED = {
     (ddpm, ddim, cfg): ["Schedule", "at", "q_sample", "update_ema", "eps_from_v", "ema_warmup",
                         "load_dataset", "load_folder", "to_model_range", "train_step", "build_run",
@@ -883,7 +924,7 @@ def test_shared_code_is_the_same_text_in_each_script(modules, name):
             f"{name} differs between {first.__name__}.py and {other.__name__}.py")
 
 
-# ============================================================================= fidelity to the papers' code
+# ===================================================================== fidelity to the papers' code
 
 def test_timestep_embedding_is_the_official_formula():
     """diffusion_tf: frequencies 10000^(−i/(half−1)), i = 0..half−1; sin first, then cos."""
@@ -898,7 +939,8 @@ def test_timestep_embedding_is_the_official_formula():
 
 
 def test_init_is_the_official_variance_scaling():
-    """Uniform with limit √(3·scale/fan_avg), so std √(scale/fan_avg); scale 1e-10 at the branch ends."""
+    """Uniform with limit √(3·scale/fan_avg), so std √(scale/fan_avg); scale 1e-10 at the branch
+    ends."""
     torch.manual_seed(0)
     model = UNet(3, 32, **PRESETS["ddpm_cifar10"])
     conv = model.down[0][0].conv1                  # 128 → 128, 3×3: fan_in = fan_out = 1152
@@ -965,7 +1007,8 @@ def test_cifar_preset_places_attention_like_the_paper_and_small_keeps_its_own():
 
 
 def test_official_ddim_grids_pinned():
-    assert ddim.step_grid(1000, 10, "official-uniform") == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert ddim.step_grid(1000, 10, "official-uniform") == [
+        900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
     assert ddim.step_grid(1000, 10, "official-quad") == [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]
 
 
@@ -995,15 +1038,17 @@ def test_a_fresh_run_never_overwrites_a_run(ddpm_ckpt, tiny_data, tmp_path):
 
 @pytest.mark.skipif(ddpm.fcntl is None, reason="file locks are POSIX")
 def test_one_run_per_folder_and_a_dead_runs_lock_is_free(tiny_data, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
-                               str(tmp_path / "lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+         str(tmp_path / "lock")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(SystemExit, match="another run is training"):
         ddpm_main(tiny_data, tmp_path, "--max-steps", "1")
     holder.kill()  # kill -9: the OS drops its lock
     holder.wait()
-    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill during a save leaves it
+    # Half a checkpoint, as a kill during a save leaves it.
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"half a checkpoint")
     ddpm_main(tiny_data, tmp_path, "--max-steps", "1", "--n-samples", "1")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
     assert not (tmp_path / "ckpt.pt.tmp").exists()
@@ -1017,7 +1062,8 @@ def test_a_non_finite_step_changes_nothing():
     x0 = torch.randn(4, 1, 8, 8)
     loss_of = lambda: ddpm.diffusion_loss(model, sched, x0)  # noqa: E731
     assert ddpm.train_step(model, ema, optimizer, FLOAT32, loss_of, 0, 1e-3, "float32")[1]
-    before = [copy.deepcopy(m.state_dict()) for m in (model, ema)] + [copy.deepcopy(optimizer.state_dict())]
+    before = ([copy.deepcopy(m.state_dict()) for m in (model, ema)]
+              + [copy.deepcopy(optimizer.state_dict())])
     x0[0, 0, 0, 0] = float("nan")
     loss, finite = ddpm.train_step(model, ema, optimizer, FLOAT32, loss_of, 1, 1e-3, "float32")
     assert not finite and torch.isnan(loss)
@@ -1028,7 +1074,8 @@ def test_a_non_finite_step_changes_nothing():
     assert torch.equal(before[2]["state"][0]["exp_avg"], after[2]["state"][0]["exp_avg"])
 
 
-def test_a_diverging_run_stops_with_its_last_good_checkpoint(ddpm_ckpt, tiny_data, tmp_path, monkeypatch):
+def test_a_diverging_run_stops_with_its_last_good_checkpoint(ddpm_ckpt, tiny_data, tmp_path,
+                                                             monkeypatch):
     (tmp_path / "ckpt.pt").write_bytes(ddpm_ckpt.read_bytes())
     good = torch.load(ddpm_ckpt, weights_only=True)
 
@@ -1043,13 +1090,14 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoint(ddpm_ckpt, tiny_dat
         for name, value in good[key].items():
             assert torch.equal(saved[key][name], value), name
     last_row = (tmp_path / "log.csv").read_text().splitlines()[-1].split(",")
-    assert int(last_row[6]) == int(last_row[0]) - good["step"]  # every step since the resume: skipped
+    # Skipped: every step since the resume.
+    assert int(last_row[6]) == int(last_row[0]) - good["step"]
 
 
 def test_a_float16_overflow_halves_the_loss_scale_and_is_not_a_nan_step():
-    """float16 with loss scaling, on the CPU as on a T4: a scale so large that the gradients overflow
-    float16 (largest 65504) makes the scaler skip the step and halve the scale, without counting it as
-    a NaN step; a NaN loss still is one."""
+    """float16 with loss scaling, on the CPU as on a T4: a scale so large that the gradients
+    overflow float16 (largest 65504) makes the scaler skip the step and halve the scale, without
+    counting it as a NaN step; a NaN loss still is one."""
     torch.manual_seed(0)
     sched = ddpm.Schedule(20)
     model = UNet(1, 8, channels=8, channel_mult=(1, 2), attn_levels=(), num_res_blocks=1)
@@ -1061,7 +1109,8 @@ def test_a_float16_overflow_halves_the_loss_scale_and_is_not_a_nan_step():
     before = copy.deepcopy(model.state_dict())
     loss, finite = ddpm.train_step(model, ema, optimizer, scaler, loss_of, 0, 1e-3, "float16")
     assert finite and torch.isfinite(loss) and scaler.get_scale() == 2.0**39
-    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # skipped
+    # The step was skipped.
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
     for step in range(1, 40):  # the scale halves until the gradients fit; then steps apply
         ddpm.train_step(model, ema, optimizer, scaler, loss_of, step, 1e-3, "float16")
     assert scaler.get_scale() < 2.0**20
@@ -1071,18 +1120,22 @@ def test_a_float16_overflow_halves_the_loss_scale_and_is_not_a_nan_step():
 
 
 def test_float16_trains_and_resumes_with_its_loss_scale(tiny_data, tmp_path, capsys):
-    """float16 on a CPU is slow: a convolution's backward has no fast kernel (an Intel Xeon with AMX: 10 s
-    a step at 28×28, 1 s at 8×8). So 8×8 images, 8 steps, or 4 and 4 more."""
+    """float16 on a CPU is slow: a convolution's backward has no fast kernel (an Intel Xeon with
+    AMX: 10 s a step at 28×28, 1 s at 8×8). So 8×8 images, 8 steps, or 4 and 4 more."""
     float16 = ["--precision", "float16", "--image-size", "8"]
     ddpm_main(tiny_data, tmp_path / "straight", *float16, "--max-steps", "8")
     assert "on cpu × 1 (float16)" in capsys.readouterr().out
     ddpm_main(tiny_data, tmp_path / "resumed", *float16, "--max-steps", "4")
     ddpm_main(tiny_data, tmp_path / "resumed", *float16, "--max-steps", "8", "--resume")
-    straight, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
-    assert straight["scaler"] == resumed["scaler"] and straight["scaler"]["_growth_tracker"] == 8  # kept
+    straight, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)
+                         for d in ("straight", "resumed"))
+    # The loss scaler's state is kept.
+    assert (straight["scaler"] == resumed["scaler"]
+            and straight["scaler"]["_growth_tracker"] == 8)
     for name, value in straight["ema"].items():
         torch.testing.assert_close(resumed["ema"][name], value, msg=name)
-    assert ddpm.parse_args(["--amp"]).precision == "bfloat16" and ddpm.parse_args(["--no-amp"]).precision == "float32"
+    assert (ddpm.parse_args(["--amp"]).precision == "bfloat16"
+            and ddpm.parse_args(["--no-amp"]).precision == "float32")
 
 
 # ----------------------------------------------------------------------------- on a CUDA GPU
@@ -1095,15 +1148,17 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("precision", ["auto", "float16"])
 @pytest.mark.parametrize("script", [ddpm, ddim, cfg], ids=lambda m: m.__name__)
 def test_cuda_compiled_training_samples_and_resumes(script, precision, tiny_data, tmp_path):
-    """A GPU's defaults (channels_last, fused AdamW, TF32, bfloat16 where native) with --compile, and
-    float16 forced: train, sample, and resume to the same weights as a straight run, within float
-    rounding (rtol 1e-3, atol 1e-4: GPU kernels are not bit-deterministic)."""
+    """A GPU's defaults (channels_last, fused AdamW, TF32, bfloat16 where native) with --compile,
+    and float16 forced: train, sample, and resume to the same weights as a straight run, within
+    float rounding (rtol 1e-3, atol 1e-4: GPU kernels are not bit-deterministic)."""
     compiled = ["--compile"] if precision == "auto" else []  # compiling costs time: once per script
-    common = [*FAST, "--device", "cuda", "--data-dir", str(tiny_data), *compiled, "--precision", precision]
+    common = [*FAST, "--device", "cuda", "--data-dir", str(tiny_data), *compiled,
+              "--precision", precision]
     script.main([*common, "--out", str(tmp_path / "straight"), "--max-steps", "16"])
     script.main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "8"])
     script.main([*common, "--out", str(tmp_path / "resumed"), "--max-steps", "16", "--resume"])
-    straight, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    straight, resumed = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)
+                         for d in ("straight", "resumed"))
     for name, value in straight["ema"].items():
         torch.testing.assert_close(resumed["ema"][name], value, rtol=1e-3, atol=1e-4, msg=name)
     assert (tmp_path / "straight" / "samples.png").is_file()
@@ -1111,7 +1166,8 @@ def test_cuda_compiled_training_samples_and_resumes(script, precision, tiny_data
 
 @cuda
 def test_cuda_cifar10_preset_fits_a_t4_at_the_default_batch():
-    """The paper's 35.7M network at 32×32, batch 128, in float16 as on a T4: peak memory under 15 GiB."""
+    """The paper's 35.7M network at 32×32, batch 128, in float16 as on a T4: peak memory under
+    15 GiB."""
     device = torch.device("cuda")
     model = UNet(3, 32, **PRESETS["ddpm_cifar10"]).to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(model)
@@ -1128,17 +1184,20 @@ def test_cuda_cifar10_preset_fits_a_t4_at_the_default_batch():
 
 @cuda
 def test_cuda_sampling_makes_no_host_synchronisation_per_step():
-    """Any call that waits for the GPU inside a sampler (.item(), a Python bool of a tensor) raises."""
+    """Any call that waits for the GPU inside a sampler (.item(), a Python bool of a tensor)
+    raises."""
     device = torch.device("cuda")
     sched = ddpm.Schedule(50, "linear", device)
-    model = UNet(1, 16, channels=16, channel_mult=(1, 2), attn_levels=(1,), num_classes=2).to(device).eval()
+    model = UNet(1, 16, channels=16, channel_mult=(1, 2), attn_levels=(1,),
+                 num_classes=2).to(device).eval()
     generator = torch.Generator(device).manual_seed(0)
     shape = (4, 1, 16, 16)
     y = torch.tensor([0, 1, 0, 1], device=device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ddpm.sample(model, sched, shape, generator=generator, callback=ddpm.sampling_callback(50, None))
+        ddpm.sample(model, sched, shape, generator=generator,
+                    callback=ddpm.sampling_callback(50, None))
         ddim.sample(model, sched, shape, 10, eta=1.0, generator=generator)
         guided = lambda x, t: cfg.guided_eps(model, x, t, y, 2.0, 2)  # noqa: E731
         cfg.sample(guided, sched, shape, 10, eta=1.0, generator=generator)
@@ -1160,30 +1219,35 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         ddpm.save_checkpoint(path, {**state, "step": 2})
     assert path.read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
     monkeypatch.undo()
-    with pytest.raises(SystemExit, match="NaN or inf"):  # never a checkpoint training cannot go on from
+    # Never a checkpoint that training cannot go on from.
+    with pytest.raises(SystemExit, match="NaN or inf"):
         ddpm.save_checkpoint(path, {**state, "ema": {"w": torch.tensor([1.0, float("nan"), 1.0])}})
     assert path.read_bytes() == before
 
 
 def test_kill_9_at_random_moments_loses_no_completed_work(tiny_data, tmp_path):
-    """Kill a real training run at random moments once it trains (it saves every 8 steps, 64 images
-    at batch 8: about every 2.3 s here), resume each time; it ends where an uninterrupted one does."""
+    """Kill a real training run at random moments once it trains (it saves every 8 steps, 64
+    images at batch 8: about every 2.3 s here), resume each time; it ends where an uninterrupted
+    one does."""
     common = [*FAST, "--data-dir", str(tiny_data), "--max-steps", "24", "--n-samples", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out, rng, steps_seen = tmp_path / "killed", random.Random(0), []
     for _ in range(3):
-        process = subprocess.Popen([sys.executable, "ddpm.py", *common, "--out", str(out), "--auto-resume"],
-                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "ddpm.py", *common, "--out", str(out), "--auto-resume"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         process.stdout.readline()  # "64 images …": it starts training
         time.sleep(rng.uniform(0.5, 3.5))
         process.send_signal(signal.SIGKILL)
         process.wait()
         if (out / "ckpt.pt").exists():
-            steps_seen.append(torch.load(out / "ckpt.pt", weights_only=True)["step"])  # loads: whole
+            # It loads: the checkpoint is whole.
+            steps_seen.append(torch.load(out / "ckpt.pt", weights_only=True)["step"])
     assert steps_seen == sorted(steps_seen)  # never went back
     ddpm.main([*common, "--out", str(out), "--auto-resume"])
     ddpm.main([*common, "--out", str(tmp_path / "straight")])
-    resumed, straight = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path / "straight"))
+    resumed, straight = (torch.load(d / "ckpt.pt", weights_only=True)
+                         for d in (out, tmp_path / "straight"))
     assert resumed["step"] == 24
     for name, value in straight["ema"].items():
         torch.testing.assert_close(resumed["ema"][name], value, msg=name)
@@ -1191,31 +1255,36 @@ def test_kill_9_at_random_moments_loses_no_completed_work(tiny_data, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 24  # one row per interval, no repeats
 
 
-# Once, this hung now and then on a loaded machine: torchrun keeps one store across restarts, and the
-# restarted gloo group read the dead workers' addresses; main() now prefixes the store per restart.
+# Once, this hung now and then on a loaded machine: torchrun keeps one store across restarts, and
+# the restarted gloo group read the dead workers' addresses; main() now prefixes the store per
+# restart.
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
 def test_torchrun_restarts_a_dead_worker_and_the_run_resumes(tiny_data, tmp_path):
     out = tmp_path / "elastic"
     process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 "--nproc_per_node=2", "--max-restarts=3", "ddpm.py", *FAST,
-                                "--data-dir", str(tiny_data), "--out", str(out), "--max-steps", "16",
-                                "--n-samples", "1", "--auto-resume"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--data-dir", str(tiny_data), "--out", str(out),
+                                "--max-steps", "16", "--n-samples", "1", "--auto-resume"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     try:
         deadline = time.time() + 120
         while not (out / "ckpt.pt").exists() and time.time() < deadline:
             time.sleep(0.2)
-        workers = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and is_child_of(int(pid), process.pid)]
+        workers = [int(pid) for pid in os.listdir("/proc")
+                   if pid.isdigit() and is_child_of(int(pid), process.pid)]
         assert workers, "no torchrun worker found"
         os.kill(workers[-1], signal.SIGKILL)
         output, _ = process.communicate(timeout=240)
     finally:  # never leave a torchrun behind, whatever failed: its workers first, then itself
-        for pid in [p for p in os.listdir("/proc") if p.isdigit() and is_child_of(int(p), process.pid)]:
+        for pid in [p for p in os.listdir("/proc")
+                    if p.isdigit() and is_child_of(int(p), process.pid)]:
             os.kill(int(pid), signal.SIGKILL)
         process.kill()
     assert process.returncode == 0, output[-3000:]
     assert "resuming at step" in output
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 16  # a checkpoint every 8 steps
+    # A checkpoint every 8 steps.
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 16
     assert (out / "samples.png").is_file()
 
 
@@ -1232,7 +1301,8 @@ def test_log_survives_resume_and_export_makes_a_sampling_only_checkpoint(tiny_da
     out = tmp_path / "run"
     ddpm_main(tiny_data, out, "--n-samples", "1", "--max-steps", "12")
     rows = (out / "log.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"]
+    assert rows[0].split(",") == ["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s",
+                                  "skipped"]
     with open(out / "log.csv", "a") as f:  # a row written after the last checkpoint, then killed
         f.write("13,1.6,1,1,1,1,0\n")
     ddpm_main(tiny_data, out, "--n-samples", "1", "--max-steps", "20", "--resume")
@@ -1246,7 +1316,8 @@ def test_log_survives_resume_and_export_makes_a_sampling_only_checkpoint(tiny_da
     ddpm.main(["--out", str(out), "--export", str(small)])
     exported = torch.load(small, weights_only=True)
     assert "optimizer" not in exported and "model" not in exported and exported["step"] == 20
-    ddim.main(["--sample-only", "--device", "cpu", "--ckpt", str(small), "--out", str(tmp_path), "--n-samples", "2"])
+    ddim.main(["--sample-only", "--device", "cpu", "--ckpt", str(small), "--out", str(tmp_path),
+               "--n-samples", "2"])
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "ckpt.pt").write_bytes(small.read_bytes())
     with pytest.raises(SystemExit, match="^error: .*no optimizer"):
@@ -1280,7 +1351,8 @@ def write_cifar10_pickles(root: Path, per_batch: int = 4) -> list[tuple[int, tup
 
 @pytest.fixture
 def tiny_cifar10(tmp_path, monkeypatch):
-    """A tiny CIFAR-10 that torchvision's own CIFAR10 class reads; only its md5 check is bypassed."""
+    """A tiny CIFAR-10 that torchvision's own CIFAR10 class reads; only its md5 check is
+    bypassed."""
     expected = write_cifar10_pickles(tmp_path / "data")
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
     return tmp_path / "data", expected
@@ -1289,19 +1361,21 @@ def tiny_cifar10(tmp_path, monkeypatch):
 def test_cifar10_pickles_load_as_rgb_in_the_right_channel_order(tiny_cifar10):
     data_dir, expected = tiny_cifar10
     images, labels, class_names = ddpm.load_dataset("cifar10", str(data_dir))
-    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8 and class_names[3] == "class3"
+    assert (images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
+            and class_names[3] == "class3")
     assert labels.tolist() == [label for label, _ in expected]
     for image, (_, colour) in zip(images, expected):
         assert tuple(image[:, 0, 1].tolist()) == colour and image.sum() == sum(colour)
 
 
 def test_the_papers_cifar10_network_trains_and_samples_rgb(tiny_cifar10, tmp_path):
-    """The real ddpm_cifar10 preset (35.7M parameters) on 32×32 RGB: train, sample, PNGs (resuming is
-    the same code for every preset: tested on the small one, each save here writes 570 MB)."""
+    """The real ddpm_cifar10 preset (35.7M parameters) on 32×32 RGB: train, sample, PNGs (resuming
+    is the same code for every preset: tested on the small one, each save here writes 570 MB)."""
     data_dir, _ = tiny_cifar10
     out = tmp_path / "run"
-    common = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--device", "cpu", "--batch-size", "2",
-              "--timesteps", "4", "--n-samples", "2", "--out", str(out), "--no-amp"]
+    common = ["--dataset", "cifar10", "--data-dir", str(data_dir), "--device", "cpu",
+              "--batch-size", "2", "--timesteps", "4", "--n-samples", "2", "--out", str(out),
+              "--no-amp"]
     ddpm.main([*common, "--max-steps", "2"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["unet"]["channels"] == 128
@@ -1309,14 +1383,16 @@ def test_the_papers_cifar10_network_trains_and_samples_rgb(tiny_cifar10, tmp_pat
     assert Image.open(out / "samples.png").mode == "RGB"
     ddpm.main([*common, "--sample-only", "--save-pngs", str(tmp_path / "pngs")])
     pngs = sorted((tmp_path / "pngs").glob("*.png"))
-    assert len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32) and Image.open(pngs[0]).mode == "RGB"
+    assert (len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32)
+            and Image.open(pngs[0]).mode == "RGB")
 
 
 def test_a_run_begun_before_the_official_groupnorm_eps_resumes_with_its_own(tmp_path):
     """A ddpm_cifar10 run begun when its GroupNorms had PyTorch's ε = 1e-5 (no norm_eps in its
     config) resumes with that ε and keeps its config; a new run gets the preset's 1e-6."""
     tiny = dict(image_channels=1, image_size=8, channels=8, channel_mult=(1, 2), attn_levels=(1,))
-    old_config = dict(unet=tiny, schedule="linear", timesteps=20, prediction="eps", dataset="cifar10")
+    old_config = dict(unet=tiny, schedule="linear", timesteps=20, prediction="eps",
+                      dataset="cifar10")
     model = UNet(**tiny)
     optimizer = torch.optim.AdamW(model.parameters())
     torch.save(dict(model=model.state_dict(), ema=model.state_dict(), config=old_config, step=5,
@@ -1329,7 +1405,8 @@ def test_a_run_begun_before_the_official_groupnorm_eps_resumes_with_its_own(tmp_
     norms = [m for m in resumed.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.eps == 1e-5 for m in norms)
     config = dict(old_config, unet=dict(tiny, norm_eps=1e-6))
-    fresh = ddpm.build_run(config, tmp_path / "new" / "ckpt.pt", ddpm.parse_args(["--no-amp"]), cpu)[0]
+    fresh_args = ddpm.parse_args(["--no-amp"])
+    fresh = ddpm.build_run(config, tmp_path / "new" / "ckpt.pt", fresh_args, cpu)[0]
     assert all(m.eps == 1e-6 for m in fresh.modules() if isinstance(m, torch.nn.GroupNorm))
 
 
@@ -1344,7 +1421,8 @@ def write_image_folder(root: Path, colour: bool, classes: tuple[str, ...] = ("ci
             fill = (rng.randrange(256), rng.randrange(256), 0) if colour else (90, 90, 90)
             x = rng.randrange(15)
             box = [x, 8, x + 16, 24]
-            (ImageDraw.Draw(picture).ellipse if name == "circles" else ImageDraw.Draw(picture).rectangle)(box, fill=fill)
+            (ImageDraw.Draw(picture).ellipse if name == "circles"
+             else ImageDraw.Draw(picture).rectangle)(box, fill=fill)
             picture.save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
     return root
 
@@ -1367,7 +1445,8 @@ def test_a_bad_folder_is_one_clear_error(case, tmp_path):
     folder = tmp_path / "images"
     if case != "missing":
         folder.mkdir()
-    with pytest.raises(SystemExit, match="^error: .*" + {"missing": "neither", "empty": "no readable image"}[case]):
+    with pytest.raises(SystemExit, match="^error: .*" + {
+            "missing": "neither", "empty": "no readable image"}[case]):
         ddpm.load_dataset(str(folder), "unused", size_multiple=4)
 
 
@@ -1378,8 +1457,9 @@ def test_an_image_size_the_unet_cannot_halve_is_an_argparse_error(capsys):
 
 
 def test_phone_photos_train_at_a_laptop_size_and_a_tiny_icon_is_skipped(tmp_path, capsys):
-    """8 phone-size JPEGs (2048×1536) and one 3×3 icon: the default size is FOLDER_SIZE, not 1536 (whose
-    attention layer would ask for hundreds of GB), and the icon is skipped, not the folder."""
+    """8 phone-size JPEGs (2048×1536) and one 3×3 icon: the default size is FOLDER_SIZE, not 1536
+    (whose attention layer would ask for hundreds of GB), and the icon is skipped, not the
+    folder."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(8):
@@ -1393,21 +1473,25 @@ def test_phone_photos_train_at_a_laptop_size_and_a_tiny_icon_is_skipped(tmp_path
 
 
 def test_running_out_of_memory_is_one_line_naming_the_sizes(tiny_data, tmp_path, monkeypatch):
-    def no_memory(*args, **kwargs):  # what the CPU allocator raises (a GPU raises torch.OutOfMemoryError)
-        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 348 GB")
+    # What the CPU allocator raises (a GPU raises torch.OutOfMemoryError).
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 348 GB")
     monkeypatch.setattr(ddpm, "train_step", no_memory)
     with pytest.raises(SystemExit, match="^error: out of memory.*--batch-size.*--image-size"):
         ddpm_main(tiny_data, tmp_path, "--max-steps", "1")
-    monkeypatch.setattr(ddpm, "train_step", lambda *args: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA")))
+    monkeypatch.setattr(ddpm, "train_step",
+                        lambda *args: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA")))
     with pytest.raises(SystemExit, match="^error: out of memory"):
         ddpm_main(tiny_data, tmp_path, "--max-steps", "1", "--overwrite")
 
 
-# ----------------------------------------------------------------------------- a folder run sized to the machine
+# ---------------------------------------------------------------- a folder run sized to the machine
 
 class FakeClock:
-    """time.perf_counter for a script: each call is `seconds` later. train() reads it twice a log row
-    (10 steps), so a row lasts `seconds`. Once `stop_after` seconds have passed, it presses Ctrl-C."""
+    """time.perf_counter for a script: each call is `seconds` later. train() reads it twice a log
+    row (10 steps), so a row lasts `seconds`. Once `stop_after` seconds have passed, it presses
+    Ctrl-C."""
 
     def __init__(self, seconds: float, stop_after: float = math.inf):
         self.now, self.seconds, self.stop_after, self.stop_signals = 0.0, seconds, stop_after, []
@@ -1419,22 +1503,26 @@ class FakeClock:
         return self.now
 
 
-def folder_run(folder: Path, out: Path, monkeypatch, *extra: str, stop_after: float = math.inf) -> dict:
+def folder_run(folder: Path, out: Path, monkeypatch, *extra: str,
+               stop_after: float = math.inf) -> dict:
     """ddpm.py on 16 images of 8×8 at batch 8 (2 steps an epoch), the `small` preset (a third of the
     folder default's time a step), by a fake clock of 225 s a log row: 22.5 s a step. Returns the
     checkpoint."""
     clock = FakeClock(225.0, stop_after)
     monkeypatch.setattr(ddpm, "time", clock)
     monkeypatch.setattr(ddpm, "catch_stop_signals", lambda world_size: clock.stop_signals)
-    ddpm.main(["--dataset", str(folder), "--image-size", "8", "--preset", "small", "--device", "cpu",
-               "--batch-size", "8", "--timesteps", "4", "--n-samples", "2", "--no-amp", "--out", str(out), *extra])
+    ddpm.main(["--dataset", str(folder), "--image-size", "8", "--preset", "small",
+               "--device", "cpu", "--batch-size", "8", "--timesteps", "4", "--n-samples", "2",
+               "--no-amp", "--out", str(out), *extra])
     return torch.load(out / "ckpt.pt", weights_only=True)
 
 
-def test_a_folder_run_trains_for_the_half_hour_its_measured_speed_gives(tmp_path, monkeypatch, capsys):
+def test_a_folder_run_trains_for_the_half_hour_its_measured_speed_gives(
+        tmp_path, monkeypatch, capsys):
     folder = write_image_folder(tmp_path / "shapes", colour=True)
     ckpt = folder_run(folder, tmp_path / "run", monkeypatch)
-    # measured from the first row (step 10, 225 s) to step 60 (1,350 s): 22.5 s a step, 1,800 s at step 80
+    # Measured from the first row (step 10, 225 s) to step 60 (1,350 s): 22.5 s a step, 1,800 s
+    # at step 80.
     assert ckpt["step"] == 80 and ckpt["epochs"] == 40 and "epochs" not in ckpt["config"]
     assert ckpt["elapsed"] == pytest.approx(ddpm.FOLDER_MINUTES * 60)
     out = capsys.readouterr().out
@@ -1445,11 +1533,13 @@ def test_a_folder_run_trains_for_the_half_hour_its_measured_speed_gives(tmp_path
         torch.testing.assert_close(repeated["ema"][name], value, msg=name)
 
 
-def test_resume_keeps_the_chosen_end_and_epochs_or_max_steps_set_the_length(tmp_path, monkeypatch, capsys):
+def test_resume_keeps_the_chosen_end_and_epochs_or_max_steps_set_the_length(
+        tmp_path, monkeypatch, capsys):
     folder = write_image_folder(tmp_path / "shapes", colour=True)
     assert ddpm.parse_args(["--dataset", str(folder)]).preset == "small48"  # a folder's default
     out = tmp_path / "run"
-    assert folder_run(folder, out, monkeypatch, stop_after=2700)["step"] == 70  # Ctrl-C after sizing
+    # Ctrl-C after sizing.
+    assert folder_run(folder, out, monkeypatch, stop_after=2700)["step"] == 70
     assert "80 steps of 8" in capsys.readouterr().out
     ckpt = folder_run(folder, out, monkeypatch, "--resume")
     assert (ckpt["step"], ckpt["epochs"]) == (80, 40)  # the same end, not measured again
@@ -1462,12 +1552,13 @@ def test_resume_keeps_the_chosen_end_and_epochs_or_max_steps_set_the_length(tmp_
 
 
 def test_grids_take_at_most_a_tenth_of_the_run(tmp_path, monkeypatch):
-    """A grid is due every 4 steps here, and takes 225 s by the fake clock (and adds 450 s to its row):
-    one is made only while the grids so far have taken at most a tenth of the time."""
+    """A grid is due every 4 steps here, and takes 225 s by the fake clock (and adds 450 s to its
+    row): one is made only while the grids so far have taken at most a tenth of the time."""
     monkeypatch.setattr(ddpm, "CKPT_EVERY", 4)
     folder = write_image_folder(tmp_path / "shapes", colour=True)
     ckpt = folder_run(folder, tmp_path / "run", monkeypatch, "--epochs", "45")
-    grids = sorted(int(p.stem.removeprefix("samples_epoch")) for p in (tmp_path / "run").glob("samples_epoch*.png"))
+    grids = sorted(int(p.stem.removeprefix("samples_epoch"))
+                   for p in (tmp_path / "run").glob("samples_epoch*.png"))
     assert grids == [2, 40]  # steps 4 (nothing spent yet) and 80 (2,250 s in all), none after
     assert ckpt["grid_seconds"] == 2 * 225.0
 
@@ -1501,13 +1592,16 @@ def test_cfg_trains_on_an_rgb_class_folder_and_samples_a_class_by_name(tmp_path,
     cfg.main(["--dataset", str(folder), "--device", "cpu", "--batch-size", "8", "--timesteps", "4",
               "--max-steps", "2", "--n-samples", "4", "--out", str(out)])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["config"]["classes"] == ["circles", "squares"] and ckpt["config"]["unet"]["image_channels"] == 3
-    assert ckpt["config"]["prediction"] == "v" and ckpt["args"]["batch_size"] == 8  # a folder's default, a flag's
+    assert (ckpt["config"]["classes"] == ["circles", "squares"]
+            and ckpt["config"]["unet"]["image_channels"] == 3)
+    # A folder's default, then a flag's.
+    assert ckpt["config"]["prediction"] == "v" and ckpt["args"]["batch_size"] == 8
     assert ckpt["config"]["schedule"] == "cosine" and ckpt["config"]["unet"]["channels"] == 48
     assert "columns: 0 circles, 1 squares" in capsys.readouterr().out
     cfg.main(["--sample-only", "--device", "cpu", "--out", str(out), "--class", "squares",
               "--n-samples", "2", "--save-pngs", str(tmp_path / "pngs")])
-    assert sorted(p.name for p in (tmp_path / "pngs").glob("*.png")) == ["squares_000000.png", "squares_000001.png"]
+    assert sorted(p.name for p in (tmp_path / "pngs").glob("*.png")) == [
+        "squares_000000.png", "squares_000001.png"]
     flat = tmp_path / "flat"
     flat.mkdir()
     for p in (folder / "circles").glob("*"):
@@ -1529,8 +1623,9 @@ def looks_like_fashion_mnist(x: torch.Tensor) -> bool:
 
 
 def looks_like_emoji(x: torch.Tensor) -> bool:
-    """Coloured things on white: at least half the samples have white corners (real emoji: 71% of the
-    1,404; the shipped model: 11 of 16), and neighbouring pixels agree (above 0.8; the shipped model 0.91)."""
+    """Coloured things on white: at least half the samples have white corners (real emoji: 71% of
+    the 1,404; the shipped model: 11 of 16), and neighbouring pixels agree (above 0.8; the shipped
+    model 0.91)."""
     corners = torch.stack([x[..., :3, :3], x[..., :3, -3:], x[..., -3:, :3], x[..., -3:, -3:]], 1)
     on_white = ((corners > 0.7).flatten(1).float().mean(1) > 0.9).float().mean().item()
     left, right = x[..., :-1].flatten(), x[..., 1:].flatten()
@@ -1544,33 +1639,43 @@ def test_shipped_checkpoints_sample_their_pictures_and_an_untrained_network_does
     config = ckpt["config"]
     sched = ddpm.Schedule(config["timesteps"], config["schedule"])
     untrained = UNet(**config["unet"]).eval()
-    shape = (8 if "fashion" in name else 16, config["unet"]["image_channels"], ema.image_size, ema.image_size)
+    shape = (8 if "fashion" in name else 16, config["unet"]["image_channels"], ema.image_size,
+             ema.image_size)
     looks_right = looks_like_fashion_mnist if "fashion" in name else looks_like_emoji
     for model, expected in ((ema, True), (untrained, False)):
         eps_theta = ddim.network_eps(model, sched, config.get("prediction", "eps"))
-        x = ddim.sample(eps_theta, sched, shape, 20, eta=1.0, generator=torch.Generator().manual_seed(0))
+        x = ddim.sample(eps_theta, sched, shape, 20, eta=1.0,
+                        generator=torch.Generator().manual_seed(0))
         assert looks_right(x) == expected
 
 
 def test_quality_measures_frechet_distance_exactly():
     """For diagonal covariances the Fréchet distance is Σ (μ1 − μ2)² + (√v1 − √v2)²."""
-    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
-    v1, v2 = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64), torch.tensor([4.0, 4.0, 1.0], dtype=torch.float64)
-    expected = ((mu1 - mu2) ** 2 + (v1.sqrt() - v2.sqrt()) ** 2).sum().item()  # 1 + 0 + 4 + 1 + 0 + 4
-    assert quality.frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2)) == pytest.approx(expected)
-    assert quality.frechet_distance(mu1, torch.diag(v1), mu1, torch.diag(v1)) == pytest.approx(0, abs=1e-9)
+    mu1, mu2 = (torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64),
+                torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    v1, v2 = (torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64),
+              torch.tensor([4.0, 4.0, 1.0], dtype=torch.float64))
+    # 1 + 0 + 4 from the means, 1 + 0 + 4 from the variances.
+    expected = ((mu1 - mu2) ** 2 + (v1.sqrt() - v2.sqrt()) ** 2).sum().item()
+    assert (quality.frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2))
+            == pytest.approx(expected))
+    assert (quality.frechet_distance(mu1, torch.diag(v1), mu1, torch.diag(v1))
+            == pytest.approx(0, abs=1e-9))
 
 
 def folder_reference_distances(folder: Path) -> dict[str, float]:
-    """Fréchet distance of each of quality.py's --reference cases of a folder, by the case's name up to " (" or ","."""
+    """Fréchet distance of each of quality.py's --reference cases of a folder, by the case's name
+    up to " (" or ","."""
     cases = quality.reference_cases(str(folder), data_dir=None, cache=None, n=1000)
-    return {name.split(" (")[0].split(",")[0]: quality.measure(images, labels, dataset=str(folder))["fd"]
+    return {name.split(" (")[0].split(",")[0]:
+            quality.measure(images, labels, dataset=str(folder))["fd"]
             for name, images, labels in cases}
 
 
 @pytest.mark.parametrize("labelled", [True, False])
 def test_quality_of_a_folder_ranks_real_below_blurred_below_noise(labelled, tmp_path, monkeypatch):
-    monkeypatch.setattr(quality, "CACHE_DIR", tmp_path / "cache")  # trains in about a second: 96 small images
+    # It trains in about a second: 96 small images.
+    monkeypatch.setattr(quality, "CACHE_DIR", tmp_path / "cache")
     folder = write_image_folder(tmp_path / "shapes", colour=True, n=60, size=(32, 32))
     if not labelled:  # every file directly in the folder: no classes, so instance discrimination
         for path in list(folder.glob("*/*")):
@@ -1578,26 +1683,30 @@ def test_quality_of_a_folder_ranks_real_below_blurred_below_noise(labelled, tmp_
     fd = folder_reference_distances(folder)
     assert fd["real images held out"] < fd["same"] < fd["uniform noise"]
     assert fd["real images held out"] * 2 < fd["same"]  # measured: 11× with classes, 2.9× without
-    assert quality.load(str(folder), image_size=32)[1]["classes"] == (["circles", "squares"] if labelled else [])
+    assert quality.load(str(folder), image_size=32)[1]["classes"] == (
+        ["circles", "squares"] if labelled else [])
 
 
-def test_quality_of_a_gray_folder_reads_its_rgb_pngs_and_retrains_only_when_its_files_change(tmp_path,
-                                                                                                monkeypatch):
+def test_quality_of_a_gray_folder_reads_its_rgb_pngs_and_retrains_only_when_its_files_change(
+        tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setattr(quality, "FOLDER_EPOCHS", 1)  # any network will do here
     trainings = []
     train_folder = quality.train_folder
-    monkeypatch.setattr(quality, "train_folder", lambda *args: trainings.append(args) or train_folder(*args))
+    monkeypatch.setattr(quality, "train_folder",
+                        lambda *args: trainings.append(args) or train_folder(*args))
     folder = write_image_folder(tmp_path / "gray", colour=False, n=20, size=(16, 16))
     images = quality.reference_cases(str(folder), None, None, n=1000)[1][1]
     assert images.shape == (8, 1, 16, 16)  # the held-out fifth of 40, grayscale
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     for i, image in enumerate(images):
-        torchvision.utils.save_image(image / 255, pngs / f"{i:06d}.png")  # gray as RGB, as the scripts save it
+        # Gray as RGB, as the scripts save it.
+        torchvision.utils.save_image(image / 255, pngs / f"{i:06d}.png")
     read, names = quality.read_pngs(str(pngs))
     assert read.shape == (8, 3, 16, 16) and names == [None] * 8
-    assert quality.measure(read, dataset=str(folder)) == quality.measure(images, dataset=str(folder))
+    assert (quality.measure(read, dataset=str(folder))
+            == quality.measure(images, dataset=str(folder)))
     assert len(trainings) == 1
     (folder / "circles" / "0.jpg").unlink()
     quality.measure(images, dataset=str(folder))
@@ -1605,12 +1714,13 @@ def test_quality_of_a_gray_folder_reads_its_rgb_pngs_and_retrains_only_when_its_
 
 
 def test_the_prepared_gpu_check_dry_run(tmp_path):
-    """bench.py --check is what a session with a GPU runs (README); its dry run is the same code on the
-    CPU at toy sizes, so that the check cannot rot unnoticed."""
+    """bench.py --check is what a session with a GPU runs (README); its dry run is the same code on
+    the CPU at toy sizes, so that the check cannot rot unnoticed."""
     import bench
     out = tmp_path / "gpu_check.md"
     bench.main(["--check", "--dry-run", "--check-out", str(out)])
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "preset" not in line]
+    rows = [line for line in out.read_text().splitlines()
+            if line.startswith("| ") and "preset" not in line]
     assert [row.split(" | ")[:2] for row in rows] == [
         [f"| {preset}", precision] for preset in PRESETS
         for precision in ("bfloat16", "float16")]
@@ -1627,7 +1737,8 @@ def copy_the_paper_part(script: str, folder: Path, monkeypatch):
     """Exactly the section the README names, with its imports, in an empty folder beside unet.py:
     the copy as a module, and the copy's unet."""
     source = (ROOT / f"{script}.py").read_text()
-    paper_part = source[source.index("# --- noise schedule"):source.index("# --- beyond the papers")]
+    start, end = source.index("# --- noise schedule"), source.index("# --- beyond the papers")
+    paper_part = source[start:end]
     (folder / "paper.py").write_text(COPY_IMPORTS + paper_part)
     (folder / "unet.py").write_bytes((ROOT / "unet.py").read_bytes())
     monkeypatch.delitem(sys.modules, "unet")  # the copy's own unet.py, not this repo's
@@ -1640,7 +1751,8 @@ def copy_the_paper_part(script: str, folder: Path, monkeypatch):
 
 @pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
 def test_copy_the_paper_part_of_each_script_alone(script, tmp_path, monkeypatch):
-    """The copy trains a few steps as the README says, and samples, with no other line of the script."""
+    """The copy trains a few steps as the README says, and samples, with no other line of its
+    script."""
     paper, copied_unet = copy_the_paper_part(script, tmp_path, monkeypatch)
     torch.manual_seed(0)
     sched = paper.Schedule(20)
@@ -1671,11 +1783,13 @@ def test_copy_the_paper_part_of_each_script_alone(script, tmp_path, monkeypatch)
 def ring_of_gaussians(n: int, generator: torch.Generator) -> torch.Tensor:
     """2-D points: 8 Gaussians (std 0.15) on a circle of radius 2, far outside [−1, 1]."""
     angle = torch.randint(0, 8, (n,), generator=generator) * (math.pi / 4)
-    return 2 * torch.stack([angle.cos(), angle.sin()], 1) + 0.15 * torch.randn(n, 2, generator=generator)
+    return (2 * torch.stack([angle.cos(), angle.sin()], 1)
+            + 0.15 * torch.randn(n, 2, generator=generator))
 
 
 class PointMLP(torch.nn.Module):
-    """ε_θ(x_t, t) for 2-D points: the timestep's sinusoidal embedding beside x_t, 3 hidden layers."""
+    """ε_θ(x_t, t) for 2-D points: the timestep's sinusoidal embedding beside x_t, 3 hidden
+    layers."""
 
     def __init__(self, hidden: int = 128):
         super().__init__()
@@ -1688,10 +1802,11 @@ class PointMLP(torch.nn.Module):
         return self.net(torch.cat([x, timestep_embedding(t, 32)], 1))
 
 
-def test_the_copied_paper_part_learns_a_2d_distribution_outside_minus_one_one(tmp_path, monkeypatch):
-    """The copies of ddpm.py and ddim.py, on points instead of images: a small MLP trained for 3000
-    steps (6 s on a 2-core Intel Xeon), sampled with the clip off by Algorithm 2 and by DDIM at η = 0
-    and 1 (50 steps), puts its points on the ring, in all 8 of its Gaussians."""
+def test_the_copied_paper_part_learns_a_2d_distribution_outside_minus_one_one(
+        tmp_path, monkeypatch):
+    """The copies of ddpm.py and ddim.py, on points instead of images: a small MLP trained for
+    3000 steps (6 s on a 2-core Intel Xeon), sampled with the clip off by Algorithm 2 and by DDIM
+    at η = 0 and 1 (50 steps), puts its points on the ring, in all 8 of its Gaussians."""
     (tmp_path / "ddpm").mkdir()
     (tmp_path / "ddim").mkdir()
     ddpm_copy, _ = copy_the_paper_part("ddpm", tmp_path / "ddpm", monkeypatch)
@@ -1711,13 +1826,16 @@ def test_the_copied_paper_part_learns_a_2d_distribution_outside_minus_one_one(tm
     generator = torch.Generator().manual_seed(1)
     samples = {
         "ddpm": ddpm_copy.sample(ema, sched, (2000, 2), generator=generator, clip=False),
-        "ddim η=0": ddim_copy.sample(ema, sched, (2000, 2), 50, eta=0.0, generator=generator, clip=False),
-        "ddim η=1": ddim_copy.sample(ema, sched, (2000, 2), 50, eta=1.0, generator=generator, clip=False),
+        "ddim η=0": ddim_copy.sample(ema, sched, (2000, 2), 50, eta=0.0, generator=generator,
+                                     clip=False),
+        "ddim η=1": ddim_copy.sample(ema, sched, (2000, 2), 50, eta=1.0, generator=generator,
+                                     clip=False),
     }
     for name, x in samples.items():  # measured: radius 2.00 ± 0.01, 99% on the ring, 10-14% each
         radius = x.norm(dim=1)
         angle = torch.atan2(x[:, 1], x[:, 0]) + math.pi / 8
-        share = torch.bincount((angle % (2 * math.pi) // (math.pi / 4)).long(), minlength=8) / len(x)
+        share = torch.bincount((angle % (2 * math.pi) // (math.pi / 4)).long(),
+                               minlength=8) / len(x)
         assert abs(radius.mean().item() - 2) < 0.1, name
         assert ((radius - 2).abs() < 0.45).float().mean().item() > 0.9, name
         assert 0.08 < share.min().item() and share.max().item() < 0.17, (name, share)
