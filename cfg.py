@@ -316,7 +316,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     train_model = torch.compile(train_model) if args.compile else train_model
     steps_per_epoch = len(images) // args.batch_size
     total_steps = plan_run(images, args, run, device, rank, world_size)  # inf until measured
-    grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # short epochs: fewer
+    grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # fewer for short epochs
     stop_signals = catch_stop_signals(world_size)
     if rank == 0:  # log.csv, a row at a time; a resumed run keeps its rows up to its step
         log_path = out / "log.csv"
@@ -366,7 +366,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                               f"{images_per_s:.1f}", f"{run['elapsed']:.1f}", run["skipped"]])
             totals.zero_()
             timer, timer_step = time.perf_counter(), step
-            measured_from = measured_from or (step, run["elapsed"])  # after start-up
+            measured_from = measured_from or (step, run["elapsed"])  # the first row: after start-up
             if total_steps == math.inf and step - measured_from[0] >= MEASURE_STEPS:
                 total_steps = plan_run(images, args, run, device, rank, world_size, measured_from)
                 bar.total = total_steps
@@ -487,7 +487,7 @@ def lock_out_dir(out: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SystemExit(f"error: another run is training in {out}: wait, or use another --out")
-    (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # a killed run's
+    (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # left by a killed run
     return handle
 
 
@@ -680,7 +680,7 @@ def pick_precision(precision: str, device: torch.device) -> str:
         return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
     names = ("avx512_bf16", "amx_tile")
     checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in names]
-    native = device.type == "cpu" and any(check() for check in checks if check)  # torch 2.4: None
+    native = device.type == "cpu" and any(check() for check in checks if check)  # None in torch 2.4
     return "bfloat16" if native else "float32"
 
 
@@ -730,7 +730,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(**DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["folder"]))
     args = p.parse_args(argv)
     args.ckpt = args.ckpt or str(Path(args.out) / "ckpt.pt")
-    args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # halved per level
+    args.size_multiple = 2 ** (len(PRESETS[args.preset]["channel_mult"]) - 1)  # the U-Net halves it
     if args.image_size and args.image_size % args.size_multiple:
         p.error(f"--image-size must be a multiple of {args.size_multiple}: the U-Net halves it")
     if args.lr <= 0:
