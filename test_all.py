@@ -1734,6 +1734,7 @@ def test_practice_notebook_runs_end_to_end_in_a_kernel_of_this_interpreter(tmp_p
     PRACTICE_SMALL=1: small and offline, about a minute. A failing cell fails the test. It runs a
     copy in tmp_path, from the repository as working directory; no tracked file may change."""
     import json
+    import shutil
 
     import nbclient
     import nbformat
@@ -1748,14 +1749,15 @@ def test_practice_notebook_runs_end_to_end_in_a_kernel_of_this_interpreter(tmp_p
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
     paths = [ROOT / path for path in tracked.split()] or [ROOT / "practice.ipynb"]
     before = {path: path.read_bytes() for path in paths if path.is_file()}
-    notebook = nbformat.read(ROOT / "practice.ipynb", as_version=4)
+    shutil.copy(ROOT / "practice.ipynb", tmp_path / "practice.ipynb")
+    notebook = nbformat.read(tmp_path / "practice.ipynb", as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.executable)"))
     client = nbclient.NotebookClient(notebook, kernel_name="practice-test", timeout=600,
                                      resources={"metadata": {"path": str(ROOT)}})
     try:
         client.execute()
     finally:
-        nbformat.write(notebook, tmp_path / "practice.ipynb")  # the executed copy, to look at
+        nbformat.write(notebook, tmp_path / "practice.ipynb")  # the copy, executed: to look at
     assert notebook.cells[-1].outputs[0]["text"].strip() == sys.executable
     changed = [str(path) for path, content in before.items() if path.read_bytes() != content]
     assert not changed, changed
