@@ -1867,3 +1867,37 @@ def test_shipped_checkpoints_reproduce_their_reference_samples(key):
         guided = lambda x, t: cfg.guided_eps(eps_theta, x, t, y, 2.0, 10)  # noqa: E731
         x = cfg.sample(guided, sched, shape, 50, eta=1.0, generator=generator)
     assert (x - REFERENCE_SAMPLES[key]).abs().max().item() < 1e-3
+
+
+def test_practice_notebook_runs_end_to_end_in_a_kernel_of_this_interpreter(tmp_path, monkeypatch):
+    """practice.ipynb, every cell, in a real Jupyter kernel (nbclient) of sys.executable, with
+    PRACTICE_SMALL=1: small and offline, about a minute. A failing cell fails the test. It runs a
+    copy in tmp_path, from the repository as working directory; no tracked file may change."""
+    import json
+    import shutil
+
+    import nbclient
+    import nbformat
+
+    kernel = tmp_path / "jupyter" / "kernels" / "practice-test"
+    kernel.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec = dict(argv=argv, display_name="practice test", language="python")
+    (kernel / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("PRACTICE_SMALL", "1")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
+    paths = [ROOT / path for path in tracked.split()] or [ROOT / "practice.ipynb"]
+    before = {path: path.read_bytes() for path in paths if path.is_file()}
+    shutil.copy(ROOT / "practice.ipynb", tmp_path / "practice.ipynb")
+    notebook = nbformat.read(tmp_path / "practice.ipynb", as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.executable)"))
+    client = nbclient.NotebookClient(notebook, kernel_name="practice-test", timeout=600,
+                                     resources={"metadata": {"path": str(ROOT)}})
+    try:
+        client.execute()
+    finally:
+        nbformat.write(notebook, tmp_path / "practice.ipynb")  # the copy, executed: to look at
+    assert notebook.cells[-1].outputs[0]["text"].strip() == sys.executable
+    changed = [str(path) for path, content in before.items() if path.read_bytes() != content]
+    assert not changed, changed
