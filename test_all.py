@@ -7,17 +7,21 @@ import argparse
 import copy
 import importlib.util
 import inspect
+import json
 import math
 import os
 import pickle
 import random
+import shutil
 import signal
-import time
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import nbclient
+import nbformat
 import numpy as np
 import pytest
 import torch
@@ -1873,12 +1877,6 @@ def test_practice_notebook_runs_end_to_end_in_a_kernel_of_this_interpreter(tmp_p
     """practice.ipynb, every cell, in a real Jupyter kernel (nbclient) of sys.executable, with
     PRACTICE_SMALL=1: small and offline, about a minute. A failing cell fails the test. It runs a
     copy in tmp_path, from the repository as working directory; no tracked file may change."""
-    import json
-    import shutil
-
-    import nbclient
-    import nbformat
-
     kernel = tmp_path / "jupyter" / "kernels" / "practice-test"
     kernel.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
