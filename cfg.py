@@ -101,7 +101,7 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidanc
                null_label: int) -> torch.Tensor:
     """CFG eq. 6: ε̃ = (1 + w)·ε_θ(x_t, c) − w·ε_θ(x_t, ∅), with w = guidance (w = 0: the plain
     conditional model; diffusers' guidance_scale is 1 + w). model(x, t, y) predicts ε. Both
-    predictions come from one batch of 2B: [x, x] with labels [y, ∅]. The sampler takes ε̃ as a
+    ε come from one batch of 2B: [x, x] with labels [y, ∅]. The sampler takes ε̃ as a
     function of (x, t): lambda x, t: guided_eps(model, x, t, y, w, null_label)."""
     if guidance == 0:  # ε̃ = ε_θ(x_t, c): the unconditional half would be multiplied by 0
         return model(x, t, y)
