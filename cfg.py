@@ -46,7 +46,7 @@ class Schedule:
     computed in float64 and stored as float32. No network holds them, so no EMA averages them."""
 
     def __init__(self, T: int = 1000, kind: str = "linear", device="cpu"):
-        if kind == "linear":  # Sec. 4: β rises linearly from 1e-4 to 0.02
+        if kind == "linear":  # DDPM Sec. 4: β rises linearly from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t) / f(0)
             s = 0.008  # their offset, which keeps β small near t = 0
@@ -84,7 +84,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor, y: torch.Tensor) ->
 
 
 def update_ema(ema, model, *, decay: float = 0.9999) -> None:
-    """EMA of the weights (Appendix B): θ_ema ← decay·θ_ema + (1 − decay)·θ; θ_ema samples."""
+    """EMA of the weights (DDPM Appendix B): θ_ema ← decay·θ_ema + (1 − decay)·θ; θ_ema samples."""
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
@@ -152,7 +152,7 @@ def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], steps: int, *, et
         alpha_bar = sched.alpha_bar[t]
         alpha_bar_prev = sched.alpha_bar[t_prev] if t_prev >= 0 else one
         eps = eps_theta(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long))
-        x0_hat = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()  # eq. 12's "predicted x0"
+        x0_hat = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()  # DDIM eq. 12's x̂0
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
             eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()

@@ -43,7 +43,7 @@ class Schedule:
     computed in float64 and stored as float32. No network holds them, so no EMA averages them."""
 
     def __init__(self, T: int = 1000, kind: str = "linear", device="cpu"):
-        if kind == "linear":  # Sec. 4: β rises linearly from 1e-4 to 0.02
+        if kind == "linear":  # DDPM Sec. 4: β rises linearly from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t) / f(0)
             s = 0.008  # their offset, which keeps β small near t = 0
@@ -81,7 +81,7 @@ def diffusion_loss(model, sched: Schedule, x0: torch.Tensor) -> torch.Tensor:
 
 
 def update_ema(ema, model, *, decay: float = 0.9999) -> None:
-    """EMA of the weights (Appendix B): θ_ema ← decay·θ_ema + (1 − decay)·θ; θ_ema samples."""
+    """EMA of the weights (DDPM Appendix B): θ_ema ← decay·θ_ema + (1 − decay)·θ; θ_ema samples."""
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param, 1 - decay)
