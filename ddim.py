@@ -443,11 +443,11 @@ def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
     if ckpt_path.is_file() and not (args.resume or args.auto_resume or args.overwrite):
         raise SystemExit(f"error: {ckpt_path.parent} holds a run: --resume it, --overwrite it, "
                          f"or use another --out")
-    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower.
     resuming = args.resume or (args.auto_resume and ckpt_path.is_file())
     ckpt = load_checkpoint(ckpt_path)[1] if resuming else None
     if ckpt and "norm_eps" not in ckpt["config"]["unet"]:  # begun when every GroupNorm had ε 1e-5
         config["unet"].pop("norm_eps", None)
+    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower.
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = UNet(**config["unet"]).to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
