@@ -672,8 +672,8 @@ def positive_int(text: str) -> int:
 
 def pick_precision(precision: str, device: torch.device) -> str:
     """--precision auto: bfloat16 where it is native (Ampere or newer GPUs; CPUs with AVX-512 BF16
-    or AMX, 2.0× faster at 28×28), float16 with loss scaling on older CUDA GPUs (a T4, a V100),
-    else float32."""
+    or AMX: docs/results.md#cpu-and-gpu-settings measures it), float16 with loss scaling on older
+    CUDA GPUs (a T4, a V100), else float32."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -712,7 +712,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--prediction", choices=["eps", "v"], default="eps", help="the network's output")
     p.add_argument("--sample-steps", type=positive_int, help="S ≤ T; default 50")
-    # η = 1: on Fashion-MNIST η = 0 left one sample in five speckled after 2 epochs, η = 1 none
+    # η = 1 by default: η = 0 speckles some samples of briefly trained models (docs/speckle.md).
     p.add_argument("--eta", type=float, default=1.0, help="0: deterministic DDIM, 1: DDPM-like")
     p.add_argument("--skip", choices=SKIPS, default="uniform", help="the sampler's timesteps")
     # Label dropout: the paper found p_uncond 0.1 or 0.2 best, 0.5 clearly worse.

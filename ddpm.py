@@ -538,8 +538,8 @@ def positive_int(text: str) -> int:
 
 def pick_precision(precision: str, device: torch.device) -> str:
     """--precision auto: bfloat16 where it is native (Ampere or newer GPUs; CPUs with AVX-512 BF16
-    or AMX, 2.0× faster at 28×28), float16 with loss scaling on older CUDA GPUs (a T4, a V100),
-    else float32."""
+    or AMX: docs/results.md#cpu-and-gpu-settings measures it), float16 with loss scaling on older
+    CUDA GPUs (a T4, a V100), else float32."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
