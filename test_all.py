@@ -1876,7 +1876,7 @@ def test_shipped_checkpoints_reproduce_their_reference_samples(key):
 def test_practice_notebook_runs_end_to_end_in_a_kernel_of_this_interpreter(tmp_path, monkeypatch):
     """practice.ipynb, every cell, in a real Jupyter kernel (nbclient) of sys.executable, with
     PRACTICE_SMALL=1: small and offline, about a minute. A failing cell fails the test. It runs a
-    copy in tmp_path, from the repository as working directory; none of the project's files may change."""
+    copy in tmp_path, from the repository as working directory; no project file may change."""
     kernel = tmp_path / "jupyter" / "kernels" / "practice-test"
     kernel.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
