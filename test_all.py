@@ -55,6 +55,12 @@ def gaussian_eps(sched, mu, s):
     return model
 
 
+def guided(model, y: torch.Tensor, w: float, null_label: int | None = None):
+    """The ε-function that cfg.sample takes: CFG eq. 6 for labels y, guided with w (∅: NULL)."""
+    null_label = NULL if null_label is None else null_label
+    return lambda x, t: cfg.guided_eps(model, x, t, y, w, null_label)
+
+
 def as_v_model(sched, eps_model):
     """The same predictor, as a v-network would give it: v = (ε − √(1−ᾱ) x_t)/√ᾱ."""
     def model(x, t, y=None):
@@ -192,8 +198,8 @@ def test_a_v_prediction_network_samples_as_its_eps_network(script, schedule):
         if script == "ddim":
             x = ddim.sample(eps_theta, sched, shape, 50, eta=1.0, generator=generator)
             return ddim.invert(eps_theta, sched, x, 50)
-        guided = lambda x, t: cfg.guided_eps(eps_theta, x, t, y, 3.0, 1)  # noqa: E731
-        return cfg.sample(guided, sched, shape, 50, eta=1.0, generator=generator)
+        return cfg.sample(guided(eps_theta, y, 3.0, 1), sched, shape, 50, eta=1.0,
+                          generator=generator)
 
     torch.testing.assert_close(draw(v_as_eps), draw(model), atol=2e-4, rtol=0)
 
@@ -423,10 +429,9 @@ def test_the_samplers_draw_a_2d_gaussian_outside_minus_one_one_with_the_clip_off
         if sampler == "ddpm":
             return ddpm.sample(eps_theta, sched, (20000, 2), generator=generator, clip=clip)
         if sampler == "cfg":  # the same ε for every label: guidance changes nothing
-            guided = lambda x, t: cfg.guided_eps(  # noqa: E731
-                eps_theta, x, t, torch.zeros(len(x)), 2.0, 1)
-            return cfg.sample(guided, sched, (20000, 2), 1000, eta=1.0, generator=generator,
-                              clip=clip)
+            y = torch.zeros(20000, dtype=torch.long)
+            return cfg.sample(guided(eps_theta, y, 2.0, 1), sched, (20000, 2), 1000, eta=1.0,
+                              generator=generator, clip=clip)
         eta = 0.0 if sampler == "ddim η=0" else 1.0
         return ddim.sample(eps_theta, sched, (20000, 2), 1000, eta=eta, generator=generator,
                            clip=clip)
@@ -663,11 +668,6 @@ def mixture_eps(sched, means: tuple[float, ...], s: float):
         eps_cond = eps[y.clamp(max=len(means) - 1), torch.arange(len(y))]
         return torch.where((y == len(means)).view(-1, *[1] * (x.ndim - 1)), eps_null, eps_cond)
     return model
-
-
-def guided(model, y: torch.Tensor, w: float):
-    """The ε-function that cfg.sample takes: CFG eq. 6 for labels y, guided with w."""
-    return lambda x, t: cfg.guided_eps(model, x, t, y, w, NULL)
 
 
 def tilted_eps(sched, c: int, w: float):
@@ -1203,8 +1203,7 @@ def test_cuda_sampling_makes_no_host_synchronisation_per_step():
         ddpm.sample(model, sched, shape, generator=generator,
                     callback=ddpm.sampling_callback(50, None))
         ddim.sample(model, sched, shape, 10, eta=1.0, generator=generator)
-        guided = lambda x, t: cfg.guided_eps(model, x, t, y, 2.0, 2)  # noqa: E731
-        cfg.sample(guided, sched, shape, 10, eta=1.0, generator=generator)
+        cfg.sample(guided(model, y, 2.0, 2), sched, shape, 10, eta=1.0, generator=generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -1868,8 +1867,8 @@ def test_shipped_checkpoints_reproduce_their_reference_samples(key):
         x = ddim.sample(eps_theta, sched, shape, 50, eta=0.0, generator=generator)
     else:
         y = torch.tensor([0, 3, 7, 9])
-        guided = lambda x, t: cfg.guided_eps(eps_theta, x, t, y, 2.0, 10)  # noqa: E731
-        x = cfg.sample(guided, sched, shape, 50, eta=1.0, generator=generator)
+        x = cfg.sample(guided(eps_theta, y, 2.0, 10), sched, shape, 50, eta=1.0,
+                       generator=generator)
     assert (x - REFERENCE_SAMPLES[key]).abs().max().item() < 1e-3
 
 
