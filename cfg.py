@@ -15,7 +15,6 @@ the DDIM paper's, a bare "eq. N" the DDPM paper's; the code's t = 0..T-1 is the 
 import argparse
 import contextlib
 import copy
-import csv
 import gzip
 import math
 import os
@@ -197,34 +196,16 @@ def ema_warmup(step: int) -> float:
     return min(0.9999, (1 + step) / (10 + step))
 
 
+# --- the plumbing. Read load_dataset, save_samples, train_step and train (Algorithm 1's loop:
+# batch, step, log row, checkpoint, grid); skip at first what makes them robust or convenient:
+# folders, Debian's copy of Fashion-MNIST, atomic checkpoints, the log's resume, a folder's time
+# plan, Ctrl-C, the output-folder lock, --precision auto, torchrun's restarts, out-of-memory errors.
+
 # --- data
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FOLDER_SIZE = 64  # a folder's largest default --image-size, which a laptop trains in a half hour
-
-
-def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_multiple: int = 1):
-    """uint8 images (N, C, H, W), labels and class names of a torchvision dataset or a folder."""
-    if name not in DATASETS:
-        return load_folder(Path(name), image_size, size_multiple)
-    dataset_class = DATASETS[name]
-    raw = Path(data_dir) / dataset_class.__name__ / "raw"
-    debian_copy = name == "fashion" and DEBIAN_FASHION.is_dir()
-    if debian_copy and not (raw / "train-images-idx3-ubyte").exists():
-        raw.mkdir(parents=True, exist_ok=True)
-        for gz in DEBIAN_FASHION.glob("*-ubyte.gz"):  # torchvision wants the files unpacked
-            (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
-    try:
-        dataset = dataset_class(data_dir, train=True, download=True)
-    except (RuntimeError, OSError) as e:
-        raise SystemExit(f"error: cannot load or download {name} ({e}); offline, put its unpacked "
-                         f"files in {raw} (cifar10: {data_dir}/cifar-10-batches-py)")
-    images = torch.as_tensor(dataset.data)
-    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
-    if image_size and image_size != images.shape[-1]:
-        images = resize(images, [image_size, image_size], antialias=True)
-    return images.contiguous(), torch.as_tensor(dataset.targets), list(dataset.classes)
 
 
 def load_folder(root: Path, image_size: int | None, size_multiple: int):
@@ -262,6 +243,29 @@ def load_folder(root: Path, image_size: int | None, size_multiple: int):
     return images.contiguous(), torch.tensor(labels, dtype=torch.long), class_names
 
 
+def load_dataset(name: str, data_dir: str, image_size: int | None = None, size_multiple: int = 1):
+    """uint8 images (N, C, H, W), labels and class names of a torchvision dataset or a folder."""
+    if name not in DATASETS:
+        return load_folder(Path(name), image_size, size_multiple)
+    dataset_class = DATASETS[name]
+    raw = Path(data_dir) / dataset_class.__name__ / "raw"
+    debian_copy = name == "fashion" and DEBIAN_FASHION.is_dir()
+    if debian_copy and not (raw / "train-images-idx3-ubyte").exists():
+        raw.mkdir(parents=True, exist_ok=True)
+        for gz in DEBIAN_FASHION.glob("*-ubyte.gz"):  # torchvision wants the files unpacked
+            (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    try:
+        dataset = dataset_class(data_dir, train=True, download=True)
+    except (RuntimeError, OSError) as e:
+        raise SystemExit(f"error: cannot load or download {name} ({e}); offline, put its unpacked "
+                         f"files in {raw} (cifar10: {data_dir}/cifar-10-batches-py)")
+    images = torch.as_tensor(dataset.data)
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # NHWC → NCHW
+    if image_size and image_size != images.shape[-1]:
+        images = resize(images, [image_size, image_size], antialias=True)
+    return images.contiguous(), torch.as_tensor(dataset.targets), list(dataset.classes)
+
+
 def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
     x = images.float() / 127.5 - 1  # uint8 [0, 255] → [−1, 1]
     if flip:
@@ -269,7 +273,159 @@ def to_model_range(images: torch.Tensor, flip: bool) -> torch.Tensor:
     return x
 
 
-# --- training run
+# --- the network: its checkpoint and its samples
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Written to a temporary file, flushed, renamed: a kill or full disk keeps the old file."""
+    if not all(v.isfinite().all() for key in ("model", "ema") for v in state.get(key, {}).values()):
+        raise SystemExit(f"error: the weights are NaN or inf: not overwriting {path}")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, no permission, ...
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: cannot write {path} ({e}); the previous checkpoint is intact")
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Its EMA network on the device, and the checkpoint (weights_only: data, never code)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no checkpoint at {path} (train first, or pass --ckpt PATH)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ema = UNet(**ckpt["config"]["unet"]).eval()
+        ema.load_state_dict(ckpt["ema"])
+    except Exception as e:  # truncated, foreign, unsafe: one line, no traceback
+        raise SystemExit(f"error: cannot load {path} ({str(e).strip().splitlines()[0]})")
+    return ema.to(device), ckpt
+
+
+def network_eps(network, sched: Schedule, prediction: str):
+    """The network as the samplers' ε_θ(x, t[, y]), in float32 (autocast computes bfloat16)."""
+    if prediction == "v":
+        return eps_from_v(network, sched)
+    return lambda x, t, *labels: network(x, t, *labels).float()
+
+
+def sampling_callback(steps: int, frames: list | None):
+    """A sampler's callback: a progress bar over its steps, and x_t 50 times into frames (a GIF)."""
+    bar = tqdm(total=steps, desc="sampling", leave=False)
+
+    def callback(t: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
+        bar.update(1)
+        if frames is not None and (steps - bar.n) % max(1, steps // 50) == 0:
+            frames.append(x[:16].cpu())
+    return callback
+
+
+def class_index(class_arg: str | None, class_names: list[str]) -> int | None:
+    """--class K or --class NAME: the index of one of the classes."""
+    if class_arg is None:
+        return None
+    if class_arg in class_names:
+        return class_names.index(class_arg)
+    if class_arg.isdigit() and int(class_arg) < len(class_names):
+        return int(class_arg)
+    listed = ", ".join(class_names[:12]) + (", ..." if len(class_names) > 12 else "")
+    raise SystemExit(f"error: --class {class_arg}: the classes are 0..{len(class_names) - 1} "
+                     f"({listed})")
+
+
+def grid_labels(n: int, num_classes: int, class_label: int | None) -> torch.Tensor:
+    """Labels for n samples: all --class K, or by default the classes 0, 1, ... in turn."""
+    return torch.arange(n) % num_classes if class_label is None else torch.full((n,), class_label)
+
+
+def print_columns(class_names: list[str], class_label: int | None) -> None:
+    """Which class each column of a class grid shows."""
+    if class_label is None:
+        print("columns: " + ", ".join(f"{i} {name}" for i, name in enumerate(class_names)))
+
+
+def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path | None,
+                 gif_path: Path | None = None, y: torch.Tensor | None = None,
+                 guidance: float | None = None) -> torch.Tensor:
+    """n samples of classes y (default grid_labels) guided with w, the same noise each call, in
+    [0, 1] on the CPU; their grid (a column per class) to path if given, and a GIF to gif_path."""
+    y = grid_labels(n, ema.num_classes, args.class_label) if y is None else y
+    guidance = args.guidance if guidance is None else guidance
+    device = sched.betas.device
+    eps_theta = network_eps(ema, sched, args.prediction)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    images = []
+    frames = [] if gif_path else None
+    batches = range(0, len(y), args.batch_size)
+    for start in tqdm(batches, desc="batches", disable=len(batches) == 1):
+        y_batch = y[start:start + args.batch_size].to(device)
+        shape = (len(y_batch), ema.conv_in.in_channels, *[ema.image_size] * 2)
+        with torch.autocast(device.type, getattr(torch, args.precision),
+                            enabled=args.precision != "float32"):
+            guided = lambda x, t: guided_eps(eps_theta, x, t, y_batch, guidance, ema.num_classes)
+            callback = sampling_callback(args.sample_steps, frames if start == 0 else None)
+            x = sample(guided, sched, shape, args.sample_steps, eta=args.eta, skip=args.skip,
+                       generator=generator, callback=callback)
+        images.append((x.float().cpu() + 1) / 2)
+    images = torch.cat(images)
+    width = ema.num_classes if args.class_label is None else math.ceil(math.sqrt(min(256, len(y))))
+    if path:  # a column per class, or a square of one class
+        save_image(images[:256], path, nrow=width)
+    if gif_path:  # 50 frames of 16 samples, the last one held
+        pictures = [to_pil_image(make_grid(x.clamp(-1, 1) / 2 + 0.5, nrow=4)) for x in frames]
+        pictures[0].save(gif_path, save_all=True, append_images=pictures[1:], loop=0,
+                         duration=[60] * (len(pictures) - 1) + [2000])
+    return images
+
+
+GUIDANCE_SWEEP = (0.0, 0.5, 1.0, 2.0, 4.0)
+
+
+def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class: int = 3) -> None:
+    """A row per w of GUIDANCE_SWEEP: per_class samples of each class (or of --class K), each row
+    from the same noise, so that the rows differ only in w."""
+    n = per_class * ema.num_classes
+    y = grid_labels(n, ema.num_classes, args.class_label).sort().values  # per_class of each in turn
+    rows = [save_samples(ema, sched, n, args, None, y=y, guidance=w) for w in GUIDANCE_SWEEP]
+    save_image(torch.cat(rows), path, nrow=len(y))
+
+
+def checked_sample_steps(steps: int | None, T: int) -> int:
+    """--sample-steps, default 50, against the model's T."""
+    if steps is not None and steps > T:
+        raise SystemExit(f"error: --sample-steps {steps} is more than the model's T = {T}")
+    return steps or min(50, T)
+
+
+def sample_only(args, device: torch.device) -> None:
+    """--n-samples samples of --ckpt's EMA network: a grid, PNGs if asked, --sweep's picture."""
+    ema, ckpt = load_checkpoint(args.ckpt, device)
+    if not ema.num_classes:
+        raise SystemExit(f"error: {args.ckpt} holds an unconditional model (from ddpm.py or "
+                         f"ddim.py): guided sampling needs one trained by cfg.py")
+    class_names = ckpt["config"].get("classes") or [str(i) for i in range(ema.num_classes)]
+    args.class_label = class_index(args.class_label, class_names)  # --class NAME: its index
+    sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device)
+    args.prediction = ckpt["config"].get("prediction", "eps")  # older checkpoints: ε
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.sample_steps = checked_sample_steps(args.sample_steps, sched.T)
+    labels = grid_labels(args.n_samples, ema.num_classes, args.class_label)
+    images = save_samples(ema, sched, args.n_samples, args, out / "samples.png", y=labels)
+    print_columns(class_names, args.class_label)
+    if args.save_pngs:
+        Path(args.save_pngs).mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            name = class_names[label].replace("/", "-")  # a "/" would make a folder
+            save_image(image, Path(args.save_pngs) / f"{name}_{i:06d}.png")
+    print(f"wrote {out / 'samples.png'}" + (f" and {len(images)} PNGs" if args.save_pngs else ""))
+    if args.sweep:
+        save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
+        print(f"wrote {out / 'guidance_sweep.png'}: a row for each w of {GUIDANCE_SWEEP}")
+
+
+# --- the training run
 FOLDER_MINUTES = 30  # a folder trains as many epochs as fill half an hour of this machine,
 MEASURE_STEPS = 50  # at the speed of these steps after the first log row (start-up, compiling)
 LOG_EVERY = 10  # steps between the rows of log.csv; each row waits for the device
@@ -301,97 +457,6 @@ def train_step(model, ema: UNet, optimizer, scaler, loss_of, step: int, lr: floa
     return loss.detach(), True
 
 
-def train(args, device: torch.device, rank: int, world_size: int) -> None:
-    """train_step for --epochs; rank 0 writes ckpt.pt, log.csv and the grids."""
-    out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
-    images, labels, class_names = training_data(args, device, rank, world_size)
-    unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset],
-                num_classes=len(class_names))  # the U-Net adds ∅ as label num_classes
-    config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps,
-                  prediction=args.prediction, dataset=args.dataset, classes=class_names)
-    sched = Schedule(args.timesteps, args.schedule, device)
-    loss_fn = v_loss if args.prediction == "v" else diffusion_loss
-    model, ema, optimizer, scaler, run = build_run(config, ckpt_path, args, device)
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
-    train_model = torch.compile(train_model) if args.compile else train_model
-    steps_per_epoch = len(images) // args.batch_size
-    total_steps = plan_run(images, args, run, device, rank, world_size)  # inf until measured
-    grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # fewer for short epochs
-    stop_signals = catch_stop_signals(world_size)
-    if rank == 0:  # log.csv, a row at a time; a resumed run keeps its rows up to its step
-        log_path = out / "log.csv"
-        old_log = log_path.read_text() if run["step"] and log_path.is_file() else ""
-        rows = list(csv.reader(old_log.splitlines()))[1:]
-        log = csv.writer(open(log_path, "w", buffering=1, newline=""), lineterminator="\n")
-        log.writerow(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "skipped"])
-        log.writerows(row for row in rows if int(row[0]) <= run["step"])
-    bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
-    totals = torch.zeros(3, device=device)  # since the last log row: loss sum, updates, stops
-    step = timer_step = run["step"]
-    timer, bad_in_a_row, stop, order, measured_from = time.perf_counter(), 0, False, None, None
-    while step < total_steps and not stop:
-        epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        if order is None or index_in_epoch == 0:  # from (seed, epoch) alone: resume repeats it
-            generator = torch.Generator().manual_seed(hash((args.seed, epoch)))
-            order = torch.randperm(len(images), generator=generator)
-        batch = order[index_in_epoch * args.batch_size:][:args.batch_size].chunk(world_size)[rank]
-        torch.manual_seed(hash((args.seed, rank, step)))  # the step's noise, the same on resume
-        x0 = to_model_range(images[batch.to(device)], args.flip)
-        y = drop_labels(labels[batch.to(device)], args.p_uncond, len(class_names))
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
-        loss, finite = train_step(train_model, ema, optimizer, scaler,
-                                  lambda: loss_fn(train_model, sched, x0, y), step, lr,
-                                  args.precision)
-        step = run["step"] = step + 1
-        bar.update(1)
-        run["skipped"] += not finite
-        bad_in_a_row = 0 if finite else bad_in_a_row + 1
-        if bad_in_a_row == MAX_BAD_STEPS:
-            raise SystemExit(f"error: NaN or inf for {MAX_BAD_STEPS} steps in a row; the last good "
-                             f"state is {ckpt_path}: --resume with a lower --lr or in float32")
-        if finite:
-            totals[0] += loss
-            totals[1] += 1
-        if step % LOG_EVERY == 0 or step == total_steps:  # a log row waits for the device
-            totals[2] = len(stop_signals)
-            if world_size > 1:
-                dist.all_reduce(totals)  # the ranks agree on the loss, and on whether to stop
-            seconds = time.perf_counter() - timer
-            run["elapsed"] += seconds
-            loss, stop = (totals[0] / totals[1]).item(), totals[2].item() > 0
-            bar.set_postfix(loss=f"{loss:.4f}", skipped=run["skipped"])
-            images_per_s = (step - timer_step) * args.batch_size / seconds
-            if rank == 0:
-                log.writerow([step, f"{step / steps_per_epoch:.3f}", f"{loss:.5f}", f"{lr:.3g}",
-                              f"{images_per_s:.1f}", f"{run['elapsed']:.1f}", run["skipped"]])
-            totals.zero_()
-            timer, timer_step = time.perf_counter(), step
-            measured_from = measured_from or (step, run["elapsed"])  # the first row: after start-up
-            if total_steps == math.inf and step - measured_from[0] >= MEASURE_STEPS:
-                total_steps = plan_run(images, args, run, device, rank, world_size, measured_from)
-                bar.total = total_steps
-        checkpoint_due = step % min(CKPT_EVERY, steps_per_epoch) == 0
-        if rank == 0 and (stop or step == total_steps or checkpoint_due):
-            weights = dict(model=model.state_dict(), ema=ema.state_dict(),
-                           optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
-            save_checkpoint(ckpt_path, dict(weights, config=config, args=vars(args), **run))
-        grid_due = step % grid_every == 0 and step < total_steps and not stop
-        if rank == 0 and grid_due and run["grid_seconds"] <= GRID_SHARE * run["elapsed"]:
-            grid_start = time.perf_counter()
-            grid_path = out / f"samples_epoch{epoch + 1}.png"
-            save_samples(ema, sched, 2 * len(class_names), args, grid_path)
-            run["grid_seconds"] += time.perf_counter() - grid_start
-    bar.close()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C while sampling stops at once
-        signal.signal(signum, signal.SIG_DFL)
-    if rank == 0:
-        print(f"saved {ckpt_path} at step {step}" + ("; continue with --resume" if stop else ""))
-    if rank == 0 and not stop:  # the final samples, and the reverse process as a GIF
-        save_samples(ema, sched, args.n_samples, args, out / "samples.png", out / "reverse.gif")
-        save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
-        print_columns(class_names, args.class_label)
-
-
 def training_data(args, device: torch.device, rank: int, world_size: int):
     if rank != 0:
         dist.barrier()  # rank 0 downloads first
@@ -410,14 +475,49 @@ def training_data(args, device: torch.device, rank: int, world_size: int):
     return images.to(device), labels.to(device), classes
 
 
+def build_run(args, images: torch.Tensor, class_names: list[str], ckpt_path: Path,
+              device: torch.device):
+    """New or resumed: the network, its EMA, AdamW, the loss scaler, the config and the counters."""
+    if ckpt_path.is_file() and not (args.resume or args.auto_resume or args.overwrite):
+        raise SystemExit(f"error: {ckpt_path.parent} holds a run: --resume it, --overwrite it, "
+                         f"or use another --out")
+    resuming = args.resume or (args.auto_resume and ckpt_path.is_file())
+    ckpt = load_checkpoint(ckpt_path)[1] if resuming else None
+    unet = dict(image_channels=images.shape[1], image_size=images.shape[2], **PRESETS[args.preset],
+                num_classes=len(class_names))  # the U-Net adds ∅ as label num_classes
+    config = dict(unet=unet, schedule=args.schedule, timesteps=args.timesteps,
+                  prediction=args.prediction, dataset=args.dataset, classes=class_names)
+    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower.
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = UNet(**config["unet"]).to(device, memory_format=memory_format)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
+    run = dict(config=config, step=0, elapsed=0.0, skipped=0, epochs=None, grid_seconds=0.0)
+    if ckpt:
+        if "optimizer" not in ckpt:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: no optimizer (an --export)")
+        if ckpt["config"] != config:
+            raise SystemExit(f"error: cannot resume {ckpt['config']} with flags that give {config}")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):  # a float16 run's loss scale (empty where the scaler was off)
+            scaler.load_state_dict(ckpt["scaler"])
+        run.update({key: ckpt[key] for key in run if key in ckpt})  # older checkpoints: no epochs
+    return model, ema, optimizer, scaler, run
+
+
 def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: int,
              world_size: int, measured_from: tuple[int, float] | None = None) -> float:
     """The run's length in steps, and rank 0's start line: --epochs, the resumed run's, or for a
-    folder the epochs that fill FOLDER_MINUTES at rank 0's speed since measured_from (else inf)."""
+    folder the epochs that fill FOLDER_MINUTES at rank 0's speed over MEASURE_STEPS steps from
+    measured_from, the first log row (math.inf until they are timed)."""
     steps_per_epoch = len(images) // args.batch_size
     run["epochs"] = args.epochs or run["epochs"]
     note = f", resuming at step {run['step']}" if run["step"] else ""
-    if not run["epochs"] and measured_from:
+    if not run["epochs"] and measured_from and run["step"] - measured_from[0] >= MEASURE_STEPS:
         seconds_per_step = (run["elapsed"] - measured_from[1]) / (run["step"] - measured_from[0])
         planned_steps = run["step"] + (FOLDER_MINUTES * 60 - run["elapsed"]) / seconds_per_step
         epochs_begun = math.ceil(run["step"] / steps_per_epoch)
@@ -435,37 +535,6 @@ def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: 
     return total_steps
 
 
-def build_run(config: dict, ckpt_path: Path, args, device: torch.device):
-    """The network, its EMA copy, AdamW, the loss scaler and the run's counters: new or resumed."""
-    if ckpt_path.is_file() and not (args.resume or args.auto_resume or args.overwrite):
-        raise SystemExit(f"error: {ckpt_path.parent} holds a run: --resume it, --overwrite it, "
-                         f"or use another --out")
-    resuming = args.resume or (args.auto_resume and ckpt_path.is_file())
-    ckpt = load_checkpoint(ckpt_path)[1] if resuming else None
-    if ckpt and "norm_eps" not in ckpt["config"]["unet"]:  # begun when every GroupNorm had ε 1e-5
-        config["unet"].pop("norm_eps", None)
-    # channels_last speeds up convolutions on GPUs (tensor cores); on CPUs it measured slower.
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = UNet(**config["unet"]).to(device, memory_format=memory_format)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=0.0,
-                                  fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "float16")
-    run = dict(step=0, elapsed=0.0, skipped=0, epochs=None, grid_seconds=0.0)  # in the checkpoint
-    if ckpt:
-        if "optimizer" not in ckpt:
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: no optimizer (an --export)")
-        if ckpt["config"] != config:
-            raise SystemExit(f"error: cannot resume {ckpt['config']} with flags that give {config}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):  # a float16 run's loss scale (empty where the scaler was off)
-            scaler.load_state_dict(ckpt["scaler"])
-        run.update({key: ckpt[key] for key in run if key in ckpt})  # older checkpoints: no epochs
-    return model, ema, optimizer, scaler, run
-
-
 def catch_stop_signals(world_size: int) -> list:
     """Ctrl-C, or a SIGTERM not from torchrun, makes train save and stop; a second: stop at once."""
     stop_signals = []
@@ -478,165 +547,117 @@ def catch_stop_signals(world_size: int) -> list:
     return stop_signals
 
 
-def lock_out_dir(out: Path):
-    """One training run per --out: a lock the OS releases when the process dies, even by kill -9."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / "lock", "w")
-    if fcntl is not None:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"error: another run is training in {out}: wait, or use another --out")
-    (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # left by a killed run
-    return handle
+class TrainingLog:
+    """The progress bar, and log.csv: a row every LOG_EVERY steps, where the ranks also agree on
+    whether to stop (Ctrl-C). A resumed run keeps the rows up to its step."""
+
+    def __init__(self, args, run: dict, total_steps: float, device, rank: int, world_size: int):
+        self.args = args
+        self.run = run
+        self.world_size = world_size
+        self.bar = tqdm(total=total_steps, initial=run["step"], disable=rank != 0)
+        self.stop_signals = catch_stop_signals(world_size)
+        self.totals = torch.zeros(3, device=device)  # since the last row: loss sum, steps, stops
+        self.bad_in_a_row = 0
+        self.first_row = None  # (step, elapsed) after start-up, where a folder's speed is timed
+        self.last_row = (run["step"], time.perf_counter())  # (step, time), to time the next row
+        path = Path(args.out) / "log.csv"
+        old = path.read_text().splitlines()[1:] if run["step"] and path.is_file() else []
+        self.file = open(path, "w", buffering=1) if rank == 0 else None  # a line at a time
+        if self.file:
+            print("step,epoch,loss,lr,images_per_s,elapsed_s,skipped", file=self.file)
+            self.file.writelines(row + "\n" for row in old if int(row.split(",")[0]) <= run["step"])
+
+    def add(self, loss: torch.Tensor, finite: bool) -> None:
+        """A step's loss; MAX_BAD_STEPS NaN or inf steps in a row stop the run."""
+        self.bar.update(1)
+        self.run["skipped"] += not finite
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        if self.bad_in_a_row == MAX_BAD_STEPS:
+            raise SystemExit(f"error: NaN or inf for {MAX_BAD_STEPS} steps in a row: --resume "
+                             f"{self.args.out}/ckpt.pt, the last good state, with a lower --lr")
+        self.totals[0] += loss if finite else 0.0
+        self.totals[1] += finite
+
+    def write_row(self, step: int, epoch: float, lr: float) -> bool:
+        """A row (it waits for the device); True if a rank was asked to stop: all stop here."""
+        self.totals[2] = len(self.stop_signals)
+        if self.world_size > 1:
+            dist.all_reduce(self.totals)  # the ranks agree on the loss, and on whether to stop
+        seconds = time.perf_counter() - self.last_row[1]
+        self.run["elapsed"] += seconds
+        loss = (self.totals[0] / self.totals[1]).item()
+        self.bar.set_postfix(loss=f"{loss:.4f}", skipped=self.run["skipped"])
+        images_per_s = (step - self.last_row[0]) * self.args.batch_size / seconds
+        if self.file:
+            print(f"{step},{epoch:.3f},{loss:.5f},{lr:.3g},{images_per_s:.1f},"
+                  f"{self.run['elapsed']:.1f},{self.run['skipped']}", file=self.file)
+        stop = self.totals[2].item() > 0
+        self.totals.zero_()
+        self.last_row = (step, time.perf_counter())
+        self.first_row = self.first_row or (step, self.run["elapsed"])
+        return stop
+
+    def close(self, stopped: bool) -> None:
+        """After the last step: Ctrl-C stops at once again (while the final samples are drawn)."""
+        self.bar.close()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        if self.file:
+            print(f"saved {self.args.out}/ckpt.pt at step {self.run['step']}"
+                  + ("; continue with --resume" if stopped else ""))
 
 
-def network_eps(network, sched: Schedule, prediction: str):
-    """The network as the samplers' ε_θ(x, t[, y]), in float32 (autocast computes bfloat16)."""
-    if prediction == "v":
-        return eps_from_v(network, sched)
-    return lambda x, t, *labels: network(x, t, *labels).float()
-
-
-def sampling_callback(steps: int, frames: list | None):
-    """A sampler's callback: a progress bar over its steps, and x_t 50 times into frames (a GIF)."""
-    bar = tqdm(total=steps, desc="sampling", leave=False)
-
-    def callback(t: int, x: torch.Tensor, x0_hat: torch.Tensor) -> None:
-        bar.update(1)
-        if frames is not None and (steps - bar.n) % max(1, steps // 50) == 0:
-            frames.append(x[:16].cpu())
-    return callback
-
-
-def save_samples(ema: UNet, sched: Schedule, n: int, args, path: Path | None,
-                 gif_path: Path | None = None, y: torch.Tensor | None = None,
-                 guidance: float | None = None) -> torch.Tensor:
-    """n samples of classes y (default grid_labels) guided with w, the same noise each call, in
-    [0, 1] on the CPU; their grid (a column per class) to path if given, and a GIF to gif_path."""
-    y = grid_labels(n, ema.num_classes, args.class_label) if y is None else y
-    guidance = args.guidance if guidance is None else guidance
-    device = sched.betas.device
-    eps_theta = network_eps(ema, sched, args.prediction)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    images = []
-    frames = [] if gif_path else None
-    batches = range(0, len(y), args.batch_size)
-    for start in tqdm(batches, desc="batches", disable=len(batches) == 1):
-        y_batch = y[start:start + args.batch_size].to(device)
-        shape = (len(y_batch), ema.conv_in.in_channels, *[ema.image_size] * 2)
-        dtype = getattr(torch, args.precision)
-        with torch.autocast(device.type, dtype, enabled=args.precision != "float32"):
-            guided = lambda x, t: guided_eps(eps_theta, x, t, y_batch, guidance, ema.num_classes)
-            callback = sampling_callback(args.sample_steps, frames if start == 0 else None)
-            x = sample(guided, sched, shape, args.sample_steps, eta=args.eta, skip=args.skip,
-                       generator=generator, callback=callback)
-        images.append((x.float().cpu() + 1) / 2)
-    images = torch.cat(images)
-    width = ema.num_classes if args.class_label is None else math.ceil(math.sqrt(min(256, len(y))))
-    if path:  # a column per class, or a square of one class
-        save_image(images[:256], path, nrow=width)
-    if gif_path:  # 50 frames of 16 samples, the last one held
-        pictures = [to_pil_image(make_grid(x.clamp(-1, 1) / 2 + 0.5, nrow=4)) for x in frames]
-        pictures[0].save(gif_path, save_all=True, append_images=pictures[1:], loop=0,
-                         duration=[60] * (len(pictures) - 1) + [2000])
-    return images
-
-
-# --- checkpoints and outputs
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file, flushed, renamed: a kill or full disk keeps the old file."""
-    if not all(v.isfinite().all() for key in ("model", "ema") for v in state.get(key, {}).values()):
-        raise SystemExit(f"error: the weights are NaN or inf: not overwriting {path}")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk, no permission, ...
-        tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: cannot write {path} ({e}); the previous checkpoint is intact")
-
-
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
-    """Its EMA network on the device, and the checkpoint (weights_only: data, never code)."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: no checkpoint at {path} (train first, or pass --ckpt PATH)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ema = UNet(**ckpt["config"]["unet"]).eval()
-        ema.load_state_dict(ckpt["ema"])
-    except Exception as e:  # truncated, foreign, unsafe: one line, no traceback
-        raise SystemExit(f"error: cannot load {path} ({str(e).strip().splitlines()[0]})")
-    return ema.to(device), ckpt
-
-
-def sample_only(args, device: torch.device) -> None:
-    """--n-samples samples of --ckpt's EMA network: a grid, PNGs if asked, --sweep's picture."""
-    ema, ckpt = load_checkpoint(args.ckpt, device)
-    if not ema.num_classes:
-        raise SystemExit(f"error: {args.ckpt} holds an unconditional model (from ddpm.py or "
-                         f"ddim.py): guided sampling needs one trained by cfg.py")
-    class_names = ckpt["config"].get("classes") or [str(i) for i in range(ema.num_classes)]
-    args.class_label = class_index(args.class_label, class_names)  # --class NAME: its index
-    sched = Schedule(ckpt["config"]["timesteps"], ckpt["config"]["schedule"], device)
-    args.prediction = ckpt["config"].get("prediction", "eps")  # older checkpoints: ε
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    args.sample_steps = checked_sample_steps(args.sample_steps, sched.T)
-    labels = grid_labels(args.n_samples, ema.num_classes, args.class_label)
-    images = save_samples(ema, sched, args.n_samples, args, out / "samples.png", y=labels)
-    print_columns(class_names, args.class_label)
-    if args.save_pngs:
-        Path(args.save_pngs).mkdir(parents=True, exist_ok=True)
-        for i, (image, label) in enumerate(zip(images, labels.tolist())):
-            name = class_names[label].replace("/", "-")  # a "/" would make a folder
-            save_image(image, Path(args.save_pngs) / f"{name}_{i:06d}.png")
-    print(f"wrote {out / 'samples.png'}" + (f" and {len(images)} PNGs" if args.save_pngs else ""))
-    if args.sweep:
+def train(args, device: torch.device, rank: int, world_size: int) -> None:
+    """Algorithm 1 to the planned end: batch, gradient step, log row, checkpoint, grid."""
+    out, ckpt_path = Path(args.out), Path(args.out) / "ckpt.pt"
+    images, labels, class_names = training_data(args, device, rank, world_size)
+    sched = Schedule(args.timesteps, args.schedule, device)
+    loss_fn = v_loss if args.prediction == "v" else diffusion_loss
+    model, ema, optimizer, scaler, run = build_run(args, images, class_names, ckpt_path, device)
+    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    train_model = torch.compile(train_model) if args.compile else train_model
+    steps_per_epoch = len(images) // args.batch_size
+    checkpoint_every = min(CKPT_EVERY, steps_per_epoch)  # and at each epoch's end
+    grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # fewer for short epochs
+    total_steps = plan_run(images, args, run, device, rank, world_size)  # inf until measured
+    log = TrainingLog(args, run, total_steps, device, rank, world_size)  # and Ctrl-C
+    step = run["step"]
+    stop = False
+    while step < total_steps and not stop:
+        torch.manual_seed(hash((args.seed, rank, step)))  # the step's draws, again on resume
+        batch = torch.randint(len(images), (args.batch_size // world_size,), device=device)
+        x0 = to_model_range(images[batch], args.flip)  # x0 ~ q(x0): random training images
+        y = drop_labels(labels[batch], args.p_uncond, len(class_names))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)  # linear warmup
+        loss, finite = train_step(train_model, ema, optimizer, scaler,
+                                  lambda: loss_fn(train_model, sched, x0, y), step, lr,
+                                  args.precision)
+        step = run["step"] = step + 1
+        log.add(loss, finite)
+        if step % LOG_EVERY == 0 or step == total_steps:
+            stop = log.write_row(step, step / steps_per_epoch, lr)  # the ranks agree on stopping
+            if total_steps == math.inf:  # a folder's run, sized once its speed is measured
+                total_steps = plan_run(images, args, run, device, rank, world_size, log.first_row)
+                log.bar.total = total_steps
+        if rank == 0 and (stop or step == total_steps or step % checkpoint_every == 0):
+            state = dict(model=model.state_dict(), ema=ema.state_dict(),
+                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+            save_checkpoint(ckpt_path, dict(state, args=vars(args), **run))
+        grid_due = step % grid_every == 0 and run["grid_seconds"] <= GRID_SHARE * run["elapsed"]
+        if rank == 0 and grid_due and step < total_steps and not stop:
+            grid_start = time.perf_counter()
+            grid_path = out / f"samples_epoch{step // steps_per_epoch}.png"
+            save_samples(ema, sched, 2 * len(class_names), args, grid_path)
+            run["grid_seconds"] += time.perf_counter() - grid_start
+    log.close(stop)
+    if rank == 0 and not stop:  # the final samples, and the reverse process as a GIF
+        save_samples(ema, sched, args.n_samples, args, out / "samples.png", out / "reverse.gif")
         save_guidance_sweep(ema, sched, args, out / "guidance_sweep.png")
-        print(f"wrote {out / 'guidance_sweep.png'}: a row for each w of {GUIDANCE_SWEEP}")
+        print_columns(class_names, args.class_label)
 
 
-def class_index(class_arg: str | None, class_names: list[str]) -> int | None:
-    """--class K or --class NAME: the index of one of the classes."""
-    if class_arg is None:
-        return None
-    if class_arg in class_names:
-        return class_names.index(class_arg)
-    if class_arg.isdigit() and int(class_arg) < len(class_names):
-        return int(class_arg)
-    listed = ", ".join(class_names[:12]) + (", ..." if len(class_names) > 12 else "")
-    raise SystemExit(f"error: --class {class_arg}: the classes are 0..{len(class_names) - 1} "
-                     f"({listed})")
-
-
-def print_columns(class_names: list[str], class_label: int | None) -> None:
-    """Which class each column of a class grid shows."""
-    if class_label is None:
-        print("columns: " + ", ".join(f"{i} {name}" for i, name in enumerate(class_names)))
-
-
-def grid_labels(n: int, num_classes: int, class_label: int | None) -> torch.Tensor:
-    """Labels for n samples: all --class K, or by default the classes 0, 1, ... in turn."""
-    return torch.arange(n) % num_classes if class_label is None else torch.full((n,), class_label)
-
-
-GUIDANCE_SWEEP = (0.0, 0.5, 1.0, 2.0, 4.0)
-
-
-def save_guidance_sweep(ema: UNet, sched: Schedule, args, path: Path, per_class: int = 3) -> None:
-    """A row per w of GUIDANCE_SWEEP: per_class samples of each class (or of --class K), each row
-    from the same noise, so that the rows differ only in w."""
-    n = per_class * ema.num_classes
-    y = grid_labels(n, ema.num_classes, args.class_label).sort().values  # per_class of each in turn
-    rows = [save_samples(ema, sched, n, args, None, y=y, guidance=w) for w in GUIDANCE_SWEEP]
-    save_image(torch.cat(rows), path, nrow=len(y))
-
-
-# --- command line
+# --- the command line
 # Per dataset (flags override): a CPU-sized net for 28×28, the paper's CIFAR-10, ours for folders.
 DATASET_DEFAULTS = {
     "mnist": dict(preset="small", epochs=6, lr=1e-3, warmup=200, flip=False),
@@ -645,13 +666,6 @@ DATASET_DEFAULTS = {
     "folder": dict(preset="small48", lr=1e-3, flip=True, batch_size=32, prediction="v",
                    schedule="cosine"),
 }
-
-
-def checked_sample_steps(steps: int | None, T: int) -> int:
-    """--sample-steps, default 50, against the model's T."""
-    if steps is not None and steps > T:
-        raise SystemExit(f"error: --sample-steps {steps} is more than the model's T = {T}")
-    return steps or min(50, T)
 
 
 def pick_device(name: str) -> torch.device:
@@ -682,6 +696,18 @@ def pick_precision(precision: str, device: torch.device) -> str:
     checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in names]
     native = device.type == "cpu" and any(check() for check in checks if check)  # None in torch 2.4
     return "bfloat16" if native else "float32"
+
+
+def lock_out_dir(out: Path):
+    """One training run per --out: a lock the OS releases when the process dies, even by kill -9."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / "lock", "w")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another run is training in {out}: wait, or use another --out")
+    return handle
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -778,8 +804,7 @@ def main(argv: list[str] | None = None) -> None:
         out_of_memory = isinstance(e, (torch.OutOfMemoryError, MemoryError))
         if not out_of_memory and "allocate memory" not in str(e):
             raise
-        raise SystemExit(f"error: out of memory on {device}: try a smaller --batch-size or "
-                         f"--image-size")
+        raise SystemExit(f"error: out of memory on {device}: lower --batch-size or --image-size")
     except OSError as e:  # a full disk, no write permission, ...
         raise SystemExit(f"error: {e}")
     if world_size > 1:

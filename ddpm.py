@@ -382,7 +382,8 @@ def build_run(args, images: torch.Tensor, ckpt_path: Path, device: torch.device)
 def plan_run(images: torch.Tensor, args, run: dict, device: torch.device, rank: int,
              world_size: int, measured_from: tuple[int, float] | None = None) -> float:
     """The run's length in steps, and rank 0's start line: --epochs, the resumed run's, or for a
-    folder the epochs that fill FOLDER_MINUTES at rank 0's speed since measured_from (else inf)."""
+    folder the epochs that fill FOLDER_MINUTES at rank 0's speed over MEASURE_STEPS steps from
+    measured_from, the first log row (math.inf until they are timed)."""
     steps_per_epoch = len(images) // args.batch_size
     run["epochs"] = args.epochs or run["epochs"]
     note = f", resuming at step {run['step']}" if run["step"] else ""
@@ -512,7 +513,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
             save_checkpoint(ckpt_path, dict(state, args=vars(args), **run))
         grid_due = step % grid_every == 0 and run["grid_seconds"] <= GRID_SHARE * run["elapsed"]
-        if rank == 0 and grid_due and step < total_steps and not stop:  # grids: ≤ GRID_SHARE
+        if rank == 0 and grid_due and step < total_steps and not stop:
             grid_start = time.perf_counter()
             save_samples(ema, sched, 16, args, out / f"samples_epoch{step // steps_per_epoch}.png")
             run["grid_seconds"] += time.perf_counter() - grid_start

@@ -1469,8 +1469,8 @@ def test_running_out_of_memory_is_one_line_naming_the_sizes(tiny_data, tmp_path,
 # ---------------------------------------------------------------- a folder run sized to the machine
 
 class FakeClock:
-    """time.perf_counter for a script: each call is `seconds` later. train() reads it twice a log
-    row (10 steps), so a row lasts `seconds`. Once `stop_after` seconds have passed, it presses
+    """time.perf_counter for a script: each call is `seconds` later. TrainingLog reads it twice a
+    log row (10 steps), so a row lasts `seconds`. Once `stop_after` seconds have passed, it presses
     Ctrl-C."""
 
     def __init__(self, seconds: float, stop_after: float = math.inf):
