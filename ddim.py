@@ -211,10 +211,11 @@ def ema_warmup(step: int) -> float:
     return min(0.9999, (1 + step) / (10 + step))
 
 
-# --- the plumbing. Read load_dataset, save_samples, train_step and train (Algorithm 1's loop:
-# batch, step, log row, checkpoint, grid); skip at first what makes them robust or convenient:
-# folders, Debian's copy of Fashion-MNIST, atomic checkpoints, the log's resume, a folder's time
-# plan, Ctrl-C, the output-folder lock, --precision auto, torchrun's restarts, out-of-memory errors.
+# --- the plumbing: what runs the paper. A first read needs load_dataset, save_samples, train_step
+# and train (Algorithm 1's loop: batch, gradient step, log row, checkpoint, grid), then main. Skip
+# at first what makes them robust or convenient: folders and Debian's copy of Fashion-MNIST, atomic
+# checkpoints, the log's resume, a folder's time plan, Ctrl-C, the output-folder lock,
+# --precision auto, torchrun's restarts and out-of-memory errors.
 
 # --- data
 DATASETS = {"mnist": datasets.MNIST, "fashion": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
@@ -555,6 +556,18 @@ def catch_stop_signals(world_size: int) -> list:
     return stop_signals
 
 
+def lock_out_dir(out: Path):
+    """One training run per --out: a lock the OS releases when the process dies, even by kill -9."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / "lock", "w")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another run is training in {out}: wait, or use another --out")
+    return handle
+
+
 class TrainingLog:
     """The progress bar, and log.csv: a row every LOG_EVERY steps, where the ranks also agree on
     whether to stop (Ctrl-C). A resumed run keeps the rows up to its step."""
@@ -699,18 +712,6 @@ def pick_precision(precision: str, device: torch.device) -> str:
     checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in names]
     native = device.type == "cpu" and any(check() for check in checks if check)  # None in torch 2.4
     return "bfloat16" if native else "float32"
-
-
-def lock_out_dir(out: Path):
-    """One training run per --out: a lock the OS releases when the process dies, even by kill -9."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / "lock", "w")
-    if fcntl is not None:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"error: another run is training in {out}: wait, or use another --out")
-    return handle
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
