@@ -48,7 +48,7 @@ class Schedule:
         if kind == "linear":  # DDPM Sec. 4: β rises linearly from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t) / f(0)
-            s = 0.008  # their offset, which keeps β small near t = 0
+            s = 0.008  # their offset: it keeps β_1 from being too small (4.1e-5; 2.5e-6 without)
             t_over_T = torch.arange(T + 1, dtype=torch.float64) / T
             f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip, so that β < 1 near t = T
@@ -114,11 +114,12 @@ SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
 
 def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
-    """The S = steps timesteps that the sampler visits (the sub-sequence τ of DDIM Sec. 4.2), from
-    T−1 down to 0. "uniform", "quad": t_i = i + round((T − S)·f(i/(S−1))) for i = S−1..0, with
-    f(u) = u or u² (more steps at low noise, where details are made); the "i +" keeps neighbours
-    apart, so S = T gives T−1..0. "official-*": the DDIM code's grids, range(0, T, T // S) and
-    int(linspace(0, √(0.8·T), S)²)."""
+    """The timesteps that the sampler visits, high to low (the sub-sequence τ of DDIM Sec. 4.2).
+    "uniform", "quad": S = steps of them from T−1 down to 0, t_i = i + round((T − S)·f(i/(S−1)))
+    for i = S−1..0, f(u) = u or u² (more steps at low noise, where details are made); the "i +"
+    keeps neighbours apart. "official-*": the DDIM code's range(0, T, T // S) and int(linspace(0,
+    √(0.8·T), S)²), which start lower (980, 800 at T = 1000, S = 50) and may give more than S steps
+    (67 at S = 64) or repeat one (at S = 100)."""
     if not 1 <= steps <= T:
         raise ValueError(f"need 1 <= steps <= T = {T}, got {steps}")
     if skip == "official-uniform":
@@ -139,8 +140,8 @@ def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], steps: int, *, et
     """The generalized sampler of DDIM eq. 12, on the timesteps step_grid(T, steps, skip), from x_T
     (drawn when not given). eps_theta(x, t) predicts ε. η scales the noise σ of DDIM eq. 16: η = 0
     is DDIM, deterministic; η = 1 with steps = T is Algorithm 2 of DDPM with σ² = β̃. clip: x̂0
-    clipped to [−1, 1] and ε̂ re-derived, as in ddpm.py (the DDIM code does not clip; improved-
-    diffusion and diffusers do); turn it off for data outside [−1, 1]. callback(t, x, x̂0) is
+    clipped to [−1, 1] and ε̂ re-derived, as in ddpm.py (the DDIM code's generalized_steps does
+    not clip, its ddpm_steps does); turn it off for data outside [−1, 1]. callback(t, x, x̂0) is
     called after each step with its result x and the x̂0 it came from."""
     device = sched.betas.device
     x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device)

@@ -1,14 +1,15 @@
 """DDIM: Denoising Diffusion Implicit Models (Song, Meng & Ermon 2020), in one file.
 
-DDPM's loss involves only the marginals q(x_t | x0), so a network trained as in ddpm.py also fits
-non-Markovian forward processes with the same marginals. Their generative processes may skip
-timesteps, and their noise σ is free (DDIM eq. 16, scaled by η ∈ [0, 1]): η = 1 is DDPM-like;
-η = 0 is deterministic, an ODE from x_T to x0 that can be run backwards (inversion) and between
-latents (interpolation). 50 steps instead of 1000 give good samples. Training and checkpoints are
-ddpm.py's. "DDIM eq. N" is the DDIM paper's equation N, a bare "eq. N" the DDPM paper's; the code's
-t = 0..T-1 is the papers' t = 1..T.
+DDPM's loss involves only the marginals q(x_t | x0). DDIM's objectives equal it up to per-t weights
+and a constant (DDIM Theorem 1), and weights do not move its optimum when ε_θ is not shared across t
+(DDIM Sec. 3.2). So a network trained as in ddpm.py also fits non-Markovian forward processes with
+the same marginals. Their generative processes may skip timesteps, and their noise σ is free (DDIM
+eq. 16, scaled by η ∈ [0, 1]): η = 1 is DDPM-like; η = 0 is deterministic, an ODE from x_T to x0
+that can be run backwards (inversion) and between latents (interpolation). 50 steps instead of
+1000 give good samples. Training and checkpoints are ddpm.py's. "DDIM eq. N" is the DDIM paper's
+equation N, a bare "eq. N" the DDPM paper's; the code's t = 0..T-1 is the papers' t = 1..T.
 
-    python ddim.py                                         # train as ddpm.py does, sample with DDIM
+    python ddim.py                                         # train as ddpm.py; sample at η = 1
     python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt  # 50 steps (η = 1) of a ddpm.py model
     python ddim.py --sample-only --ckpt runs/ddpm/ckpt.pt --sample-steps 20 --eta 0 --skip quad
     python ddim.py --invert --interpolate --ckpt runs/ddpm/ckpt.pt  # inversion, interpolation
@@ -49,7 +50,7 @@ class Schedule:
         if kind == "linear":  # DDPM Sec. 4: β rises linearly from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t) / f(0)
-            s = 0.008  # their offset, which keeps β small near t = 0
+            s = 0.008  # their offset: it keeps β_1 from being too small (4.1e-5; 2.5e-6 without)
             t_over_T = torch.arange(T + 1, dtype=torch.float64) / T
             f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip, so that β < 1 near t = T
@@ -95,11 +96,12 @@ SKIPS = ("uniform", "quad", "official-uniform", "official-quad")
 
 
 def step_grid(T: int, steps: int, skip: str = "uniform") -> list[int]:
-    """The S = steps timesteps that the sampler visits (the sub-sequence τ of DDIM Sec. 4.2), from
-    T−1 down to 0. "uniform", "quad": t_i = i + round((T − S)·f(i/(S−1))) for i = S−1..0, with
-    f(u) = u or u² (more steps at low noise, where details are made); the "i +" keeps neighbours
-    apart, so S = T gives T−1..0. "official-*": the DDIM code's grids, range(0, T, T // S) and
-    int(linspace(0, √(0.8·T), S)²)."""
+    """The timesteps that the sampler visits, high to low (the sub-sequence τ of DDIM Sec. 4.2).
+    "uniform", "quad": S = steps of them from T−1 down to 0, t_i = i + round((T − S)·f(i/(S−1)))
+    for i = S−1..0, f(u) = u or u² (more steps at low noise, where details are made); the "i +"
+    keeps neighbours apart. "official-*": the DDIM code's range(0, T, T // S) and int(linspace(0,
+    √(0.8·T), S)²), which start lower (980, 800 at T = 1000, S = 50) and may give more than S steps
+    (67 at S = 64) or repeat one (at S = 100)."""
     if not 1 <= steps <= T:
         raise ValueError(f"need 1 <= steps <= T = {T}, got {steps}")
     if skip == "official-uniform":
@@ -120,8 +122,8 @@ def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], steps: int, *, et
     """The generalized sampler of DDIM eq. 12, on the timesteps step_grid(T, steps, skip), from x_T
     (drawn when not given). eps_theta(x, t) predicts ε. η scales the noise σ of DDIM eq. 16: η = 0
     is DDIM, deterministic; η = 1 with steps = T is Algorithm 2 of DDPM with σ² = β̃. clip: x̂0
-    clipped to [−1, 1] and ε̂ re-derived, as in ddpm.py (the DDIM code does not clip; improved-
-    diffusion and diffusers do); turn it off for data outside [−1, 1]. callback(t, x, x̂0) is
+    clipped to [−1, 1] and ε̂ re-derived, as in ddpm.py (the DDIM code's generalized_steps does
+    not clip, its ddpm_steps does); turn it off for data outside [−1, 1]. callback(t, x, x̂0) is
     called after each step with its result x and the x̂0 it came from."""
     device = sched.betas.device
     x = torch.randn(shape, device=device, generator=generator) if x_T is None else x_T.to(device)
@@ -155,8 +157,8 @@ def invert(eps_theta, sched: Schedule, x0: torch.Tensor, steps: int, skip: str =
            clip: bool = True) -> torch.Tensor:
     """Inversion (DDIM Sec. 5.4): the η = 0 sampler run backwards, x0 → x_T. Each step solves DDIM
     eq. 12 (σ = 0) for x_t, with ε_θ(x_{t_prev}, t) for the ε_θ(x_t, t) of the unknown x_t. clip as
-    in sample, whose steps it undoes: 50 steps each way reconstruct the shipped Fashion-MNIST
-    model's images to an MSE of 0.0021, and to 0.0079 with the clip off in both."""
+    in sample, whose steps it undoes: in float32, 50 steps each way gave the shipped Fashion-MNIST
+    model's first 8 training images back to an MSE of 0.0021 (0.0079 with the clip off in both)."""
     grid = step_grid(sched.T, steps, skip)[::-1]
     one = torch.ones((), device=x0.device)
     x = x0

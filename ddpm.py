@@ -45,7 +45,7 @@ class Schedule:
         if kind == "linear":  # DDPM Sec. 4: β rises linearly from 1e-4 to 0.02
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":  # Nichol & Dhariwal 2021, eq. 17: ᾱ_t = f(t) / f(0)
-            s = 0.008  # their offset, which keeps β small near t = 0
+            s = 0.008  # their offset: it keeps β_1 from being too small (4.1e-5; 2.5e-6 without)
             t_over_T = torch.arange(T + 1, dtype=torch.float64) / T
             f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # their clip, so that β < 1 near t = T
@@ -100,11 +100,11 @@ def sample(eps_theta, sched: Schedule, shape: tuple[int, ...], *, generator=None
         alpha, alpha_bar, beta = sched.alphas[t], sched.alpha_bar[t], sched.betas[t]
         eps = eps_theta(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
         x0_hat = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()  # eq. 15
-        if clip:  # the official code's clip of x̂0 to [−1, 1], and ε̂ re-derived from it
+        if clip:  # x̂0 clipped to [−1, 1] as in the official code, and ε̂ re-derived from it
             x0_hat = x0_hat.clamp(-1, 1)
             eps = (x - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()
-        # Algorithm 2, line 4. It equals eq. 7's posterior mean μ̃_t(x_t, x̂0), which the official
-        # code computes instead (test_all.py checks that in float64).
+        # Algorithm 2, line 4. With that ε̂ it equals eq. 7's posterior mean μ̃_t(x_t, x̂0), which
+        # the official code computes from the clipped x̂0 (test_all.py checks it in float64).
         x = (x - beta / (1 - alpha_bar).sqrt() * eps) / alpha.sqrt()
         if t > 0:
             x = x + beta.sqrt() * torch.randn(shape, device=device, generator=generator)  # σ_t z

@@ -27,10 +27,10 @@ from torch import nn
 # "ddpm_cifar10" is the paper's CIFAR-10 network (35.7M parameters) as its official code builds it:
 # additive time embedding, attention at level 1 (16×16 for 32×32 images), dropout 0.1, and the ε of
 # that code's GroupNorm (tf.contrib's group_norm), 1e-6, where UNet's default is PyTorch's 1e-5.
-# "small" (ours, for a laptop CPU at 28×28) keeps the paper's blocks, embedding and initialisation,
-# and changes width (32), depth (3 levels, 1 block each), dropout (none), attention (level 2: 7×7
-# for 28×28) and the time embedding (scale and shift, from improved-diffusion). "small48" (ours, a
-# folder's default) is "small" at width 48. Both keep ε = 1e-5, with which they were trained.
+# "small" (ours, for a laptop CPU at 28×28) keeps the paper's blocks, sinusoidal time embedding and
+# initialisation, and changes width (32), depth (3 levels, 1 block each), dropout (none), attention
+# (level 2: 7×7 at 28×28) and how the embedding enters a block (a scale and shift, not a sum).
+# "small48" (ours, a folder's default) is "small" at width 48. Both keep ε = 1e-5, as they trained.
 PRESETS: dict[str, dict] = {
     "small": dict(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,),
                   dropout=0.0, scale_shift=True),
