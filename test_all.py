@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import struct
@@ -1708,9 +1709,13 @@ def test_the_prepared_gpu_check_dry_run(tmp_path):
     assert "CUDA tests: not run" in out.read_text()
 
 
-# The README's "Copy the paper into your project": these imports, then a script's text from
-# "# --- noise schedule" up to "# --- beyond the papers", beside unet.py.
-COPY_IMPORTS = "import math\n\nimport torch\nimport torch.nn.functional as F\n\n\n"
+# The README's "Copy the paper into your project": its first python block (the imports), then a
+# script's text from "# --- noise schedule" up to "# --- beyond the papers", beside unet.py; after
+# it, one of the section's three programs.
+README = (ROOT / "README.md").read_text()
+COPY_SECTION = README.split("## Copy the paper into your project\n")[1].split("\n## ")[0]
+COPY_BLOCKS = re.findall(r"```python\n(.*?)```", COPY_SECTION, re.S)
+COPY_IMPORTS = COPY_BLOCKS[0] + "\n\n"
 
 
 def copy_the_paper_part(script: str, folder: Path, monkeypatch):
@@ -1758,6 +1763,111 @@ def test_copy_the_paper_part_of_each_script_alone(script, tmp_path, monkeypatch)
         guided = lambda x, t: paper.guided_eps(ema, x, t, y, 2.0, 2)  # noqa: E731
         x = paper.sample(guided, sched, x0.shape, 5, eta=1.0)
     assert x.shape == x0.shape and torch.isfinite(x).all()
+
+
+def bars(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images of 16×16 in [−1, 1], each a bar 4 pixels wide at a random place on black; label 0:
+    a horizontal bar, 1: a vertical one."""
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    start = torch.randint(0, 13, (n, 1), generator=generator)
+    rows = (torch.arange(16) >= start) & (torch.arange(16) < start + 4)  # (n, 16)
+    images = torch.where(rows[:, :, None], 1.0, -1.0).expand(n, 16, 16).clone()
+    images[labels == 1] = images[labels == 1].transpose(1, 2)
+    return images[:, None], labels
+
+
+def bar_orientation(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For images (N, 1, 16, 16): 0 for a horizontal bar, 1 for a vertical one, and how well the
+    image matches the best bar of any place: the correlation, 1.0 for every image of bars()."""
+    places = torch.arange(13)
+    rows = (torch.arange(16) >= places[:, None]) & (torch.arange(16) < places[:, None] + 4)
+    horizontal = torch.where(rows[:, :, None], 1.0, -1.0).expand(13, 16, 16)
+    templates = torch.cat([horizontal, horizontal.transpose(1, 2)]).flatten(1)  # (26, 256)
+    x = images.flatten(1)
+    x = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+    t = (templates - templates.mean(1, keepdim=True)) / templates.std(1, keepdim=True)
+    correlation = x @ t.T / (x.shape[1] - 1)
+    best, index = correlation.max(1)
+    return (index >= 13).long(), best
+
+
+def run_copy_program(script: str, folder: Path, monkeypatch, steps: int, images: torch.Tensor,
+                     labels: torch.Tensor) -> dict:
+    """The README's program for script, run as its text says: after the copied paper part and its
+    imports, in an empty folder beside unet.py, with only its data and steps lines replaced (by
+    images, labels and steps). Returns the program's variables."""
+    programs = [block for block in COPY_BLOCKS if block.startswith(f"# after {script}.py's paper")]
+    assert len(programs) == 1, f"one program after {script}.py's paper part"
+    copy_the_paper_part(script, folder, monkeypatch)
+    data_line = "data, labels = " if script == "cfg" else "data = "
+    lines = programs[0].splitlines()
+    replaced = {data_line: f"{data_line}test_images, test_labels" if script == "cfg"
+                else f"{data_line}test_images", "steps = ": f"steps = {steps}"}
+    for start, replacement in replaced.items():
+        found = [i for i, line in enumerate(lines) if line.startswith(start)]
+        assert len(found) == 1, f"one line that begins with {start!r}"
+        lines[found[0]] = replacement
+    source = (folder / "paper.py").read_text() + "\n".join(lines) + "\n"
+    variables = dict(__name__="__main__", test_images=images, test_labels=labels)
+    monkeypatch.chdir(folder)
+    torch.manual_seed(0)
+    exec(compile(source, str(folder / f"{script}_program.py"), "exec"), variables)
+    assert "samples = " in lines[-1] or lines[-1].startswith("samples = ")
+    return variables
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
+def test_the_readme_programs_run_after_the_copied_paper_part(script, tmp_path, monkeypatch):
+    """Each program of the README's copy section, verbatim but for its data and steps: 2 steps on
+    64 images of 4×4, then its samples, 16 images of that shape."""
+    images, labels = torch.rand(64, 1, 4, 4) * 2 - 1, torch.arange(64) % 3
+    variables = run_copy_program(script, tmp_path, monkeypatch, 2, images, labels)
+    assert variables["samples"].shape == (16, 1, 4, 4) and torch.isfinite(variables["samples"]).all()
+
+
+@pytest.mark.skipif(not os.environ.get("SLOW"), reason="300 steps of each program: SLOW=1")
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "cfg"])
+def test_the_readme_programs_learn_simple_shapes_in_300_steps(script, tmp_path, monkeypatch):
+    """300 steps on 2,000 images of bars: the samples are bars (noise is not), and cfg's are bars
+    of the class asked for."""
+    images, labels = bars(2000, torch.Generator().manual_seed(0))
+    variables = run_copy_program(script, tmp_path, monkeypatch, 300, images, labels)
+    orientation, match = bar_orientation(variables["samples"].cpu())
+    assert match.median() > 0.95 and (match > 0.9).sum() >= 14, match
+    if script == "cfg":
+        assert (orientation == variables["y"].cpu()).float().mean() >= 0.9
+    untrained = bar_orientation(torch.rand(16, 1, 16, 16) * 2 - 1)[1]
+    assert untrained.median() < 0.5
+
+
+# Every command of the README states its time on its line; each that needs only the repository
+# (a shipped checkpoint: no download, no placeholder, no earlier run) and takes seconds runs here.
+README_COMMANDS = [line for block in re.findall(r"```bash\n(.*?)```", README, re.S)
+                   for line in block.splitlines() if line.strip() and not line.startswith("#")]
+QUICK_COMMANDS = [line for line in README_COMMANDS if "--ckpt pretrained/" in line
+                  and "--invert" not in line and re.search(r"# \d+ s\b", line)]
+
+
+def test_every_readme_command_states_its_time_and_writes_its_own_files():
+    untimed = [line for line in README_COMMANDS
+               if not re.search(r"# .*\b\d+(\.\d+)? (s|min|h)\b|not timed", line)]
+    assert not untimed, untimed
+    assert len(QUICK_COMMANDS) >= 5, QUICK_COMMANDS
+    outs = [line.split("--out ")[1].split()[0] for line in README_COMMANDS if "--out " in line]
+    assert len(outs) == len(set(outs)), outs  # no two write into one folder
+
+
+@pytest.mark.parametrize("command", QUICK_COMMANDS, ids=lambda c: c.split("--out ")[1].split()[0])
+def test_the_readme_commands_that_need_only_the_repository_run_as_written(command, tmp_path):
+    for name in ("ddpm.py", "ddim.py", "cfg.py", "unet.py", "pretrained"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    words = command.split("#")[0].split()
+    assert words[0] == "python"
+    result = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pictures = list((tmp_path / words[words.index("--out") + 1]).glob("*.png"))
+    assert pictures and all(Image.open(picture).size[0] > 100 for picture in pictures)
 
 
 def ring_of_gaussians(n: int, generator: torch.Generator) -> torch.Tensor:
