@@ -1821,8 +1821,8 @@ def test_the_readme_programs_run_after_the_copied_paper_part(script, tmp_path, m
     """Each program of the README's copy section, verbatim but for its data and steps: 2 steps on
     64 images of 4×4, then its samples, 16 images of that shape."""
     images, labels = torch.rand(64, 1, 4, 4) * 2 - 1, torch.arange(64) % 3
-    variables = run_copy_program(script, tmp_path, monkeypatch, 2, images, labels)
-    assert variables["samples"].shape == (16, 1, 4, 4) and torch.isfinite(variables["samples"]).all()
+    samples = run_copy_program(script, tmp_path, monkeypatch, 2, images, labels)["samples"]
+    assert samples.shape == (16, 1, 4, 4) and torch.isfinite(samples).all()
 
 
 @pytest.mark.skipif(not os.environ.get("SLOW"), reason="300 steps of each program: SLOW=1")
