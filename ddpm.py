@@ -482,7 +482,7 @@ class TrainingLog:
         return stop
 
     def close(self, stopped: bool) -> None:
-        """After the last step: Ctrl-C stops at once again (while the final samples are drawn)."""
+        """After the last step: where the run was saved; Ctrl-C stops at once again (sampling)."""
         self.bar.close()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
@@ -504,7 +504,7 @@ def train(args, device: torch.device, rank: int, world_size: int) -> None:
     checkpoint_every = min(CKPT_EVERY, steps_per_epoch)  # and at each epoch's end
     grid_every = steps_per_epoch * max(1, CKPT_EVERY // steps_per_epoch)  # fewer for short epochs
     total_steps = plan_run(images, args, run, device, rank, world_size)  # inf until measured
-    log = TrainingLog(args, run, total_steps, device, rank, world_size)  # and Ctrl-C
+    log = TrainingLog(args, run, total_steps, device, rank, world_size)  # it catches Ctrl-C
     step = run["step"]
     stop = False
     while step < total_steps and not stop:
