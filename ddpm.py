@@ -487,6 +487,7 @@ class TrainingLog:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
         if self.file:
+            self.file.close()
             print(f"saved {self.args.out}/ckpt.pt at step {self.run['step']}"
                   + ("; continue with --resume" if stopped else ""))
 
